@@ -1,0 +1,375 @@
+"""Typed run configuration: dataclass defaults, YAML overrides, `--set a.b=v`, validation.
+
+A YAML file only holds what differs from the defaults below. Loading refuses unknown keys and
+wrong types, then checks the rules that span fields; every problem found is reported at once in
+one `ConfigError`, before any model, Ray cluster or file is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("drtune", "draft", "draft_k", "draft_lv", "refl", "alignprop")
+TINY_MODELS = ("tiny", "tiny-sdxl")
+FLAVOURS = ("auto", "sd", "sdxl")
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+LOSS_KINDS = ("linear", "hinge", "absolute")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """Bad user input. `problems` lists every one found; str() shows them all."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" / "tiny-sdxl" (random-initialised, built offline), a hub id such as
+    # "stable-diffusion-v1-5/stable-diffusion-v1-5", or a local diffusers pipeline folder.
+    name: str = "tiny"
+    flavour: str = "auto"  # "sd" (1.x/2.x), "sdxl", or "auto": read from the pipeline folder
+    revision: str | None = None  # hub revision (branch, tag or commit)
+    variant: str | None = None  # weight-file variant on the hub, e.g. "fp16"
+    seed: int = 0  # tiny models only: seed of the random initialisation
+    resolution: int = 32  # image side in pixels (SD 1.5: 512, SDXL: 1024)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 4  # LoRA rank r (AlignProp: 4)
+    alpha: float = 4.0  # LoRA alpha; the update is scaled by alpha / rank (usually alpha = rank)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )  # UNet sub-module names that get a LoRA (peft matching: suffix of the module path)
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10  # T, DDIM steps in the sampling chain
+    guidance_scale: float = 5.0  # classifier-free guidance w; 1 disables the unconditional branch
+    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
+    negative_prompt: str = ""  # the unconditional prompt of CFG
+
+
+@dataclass
+class MethodConfig:
+    name: str = "drtune"  # one of METHODS
+    k: int = 2  # drtune / draft_k: number of trained steps K
+    early_stop_m: int = 4  # drtune: t_min ~ U{1..m}, counted from the end; 1 = never stop early
+    lv_copies: int = 2  # draft_lv: n re-noised copies of the last step
+    refl_window: list[int] = field(default_factory=lambda: [1, 4])  # refl: [t1, t2] counted from the end
+    # alignprop: [lo, hi], each sample back-propagates through its last k ~ U{lo..hi} steps;
+    # null means [1, num_steps]
+    alignprop_range: list[int] | None = None
+
+
+@dataclass
+class RewardSpec:
+    name: str = "symmetry"  # registered reward name (see `rayreward.rewards.REGISTRY`)
+    weight: float = 1.0  # weight in the composite reward (a weighted sum)
+    args: dict = field(default_factory=dict)  # keyword arguments of the reward factory
+
+
+@dataclass
+class LossConfig:
+    # "linear": -r; "hinge": relu(margin - r) (ReFL); "absolute": |r - margin| (AlignProp target)
+    kind: str = "linear"
+    margin: float = 2.0  # hinge margin / absolute target
+    scale: float = 1.0  # multiplies the loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # AdamW learning rate on the LoRA parameters
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 30  # optimizer steps
+    batch_size: int = 4  # prompts per step (per worker!)
+    seed: int = 0  # seeds the noise, the step selection and the prompt order
+    checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
+    gradient_checkpointing: bool = True  # recompute grad-carrying UNet calls in backward
+    mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
+    num_workers: int = 1  # Ray Train workers (data parallel)
+    use_gpu: bool = False  # one GPU per worker
+
+
+@dataclass
+class GridConfig:
+    prompts: list[str] = field(default_factory=list)  # grid prompts; empty = first 4 training prompts
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # one grid column per seed
+
+
+@dataclass
+class Config:
+    name: str = "quickstart"  # run name: Ray Train run name and default output folder name
+    output_dir: str = "runs/quickstart"  # metrics.csv, plots, grids, checkpoints, final LoRA
+    prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a red car", "a tree"])
+    prompt_file: str | None = None  # text file, one prompt a line; replaces `prompts`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def training_prompts(self) -> list[str]:
+        if self.prompt_file:
+            return [ln.strip() for ln in Path(self.prompt_file).read_text().splitlines() if ln.strip()]
+        return list(self.prompts)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a Config from nested dicts, refusing unknown keys and wrong types.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{where}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {tp} at {where}")
+
+
+def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            problems.append(
+                f"{where + '.' if where else ''}{key}: unknown key; allowed: {', '.join(names)}"
+            )
+    kwargs = {
+        k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}", problems)
+        for k, v in data.items()
+        if k in names
+    }
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Rules that span fields.
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or os.path.exists(name) or not _HUB_ID.match(name)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with `cfg` as 'field: value ...; allowed ...' lines (empty if none)."""
+    from rayreward.rewards import REGISTRY, is_import_path
+
+    p: list[str] = []
+    T = cfg.sampling.num_steps
+    m = cfg.method
+    if T < 1:
+        p.append(f"sampling.num_steps: {T} is not allowed; need an integer >= 1")
+    if cfg.sampling.guidance_scale < 0:
+        p.append(f"sampling.guidance_scale: {cfg.sampling.guidance_scale} is negative; need >= 0 (1 = no guidance)")
+    if not 0.0 <= cfg.sampling.eta <= 1.0:
+        p.append(f"sampling.eta: {cfg.sampling.eta} is outside [0, 1]")
+    if m.name not in METHODS:
+        p.append(f"method.name: {m.name!r} is unknown; allowed: {', '.join(METHODS)}")
+    if m.name in ("drtune", "draft_k"):
+        if m.k < 1:
+            p.append(f"method.k: {m.k} is not allowed; K counts trained steps and must be >= 1")
+        elif T >= 1 and m.k > T:
+            p.append(f"method.k: {m.k} is larger than sampling.num_steps ({T}); need 1 <= k <= num_steps")
+    if m.name == "drtune" and not 1 <= m.early_stop_m <= max(T, 1):
+        p.append(f"method.early_stop_m: {m.early_stop_m} is outside [1, sampling.num_steps={T}]")
+    if m.name == "draft_lv" and m.lv_copies < 1:
+        p.append(f"method.lv_copies: {m.lv_copies} is not allowed; need >= 1 (2 is usual)")
+    if m.name == "refl":
+        w = m.refl_window
+        if len(w) != 2 or not 1 <= w[0] <= w[1] <= T:
+            p.append(f"method.refl_window: {w} is not allowed; need [t1, t2] with 1 <= t1 <= t2 <= num_steps={T}")
+    if m.name == "alignprop" and m.alignprop_range is not None:
+        r = m.alignprop_range
+        if len(r) != 2 or not 1 <= r[0] <= r[1] <= T:
+            p.append(f"method.alignprop_range: {r} is not allowed; need [lo, hi] with 1 <= lo <= hi <= num_steps={T}")
+
+    if cfg.lora.rank < 1:
+        p.append(f"lora.rank: {cfg.lora.rank} is not allowed; need an integer >= 1")
+    if cfg.lora.alpha <= 0:
+        p.append(f"lora.alpha: {cfg.lora.alpha} is not allowed; need > 0")
+    if not cfg.lora.target_modules:
+        p.append("lora.target_modules: empty; name at least one UNet module, e.g. to_q")
+    if cfg.optim.lr <= 0:
+        p.append(f"optim.lr: {cfg.optim.lr} is not allowed; the learning rate must be > 0")
+    if cfg.optim.weight_decay < 0:
+        p.append(f"optim.weight_decay: {cfg.optim.weight_decay} is negative; need >= 0")
+    if cfg.optim.grad_clip < 0:
+        p.append(f"optim.grad_clip: {cfg.optim.grad_clip} is negative; need >= 0 (0 disables)")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        p.append(f"optim.betas: {cfg.optim.betas} is not allowed; need two numbers in [0, 1)")
+    if cfg.loss.kind not in LOSS_KINDS:
+        p.append(f"loss.kind: {cfg.loss.kind!r} is unknown; allowed: {', '.join(LOSS_KINDS)}")
+
+    if not cfg.rewards:
+        p.append("rewards: empty; name at least one reward, e.g. [{name: symmetry}]")
+    for i, r in enumerate(cfg.rewards):
+        if r.name not in REGISTRY and not is_import_path(r.name):
+            p.append(
+                f"rewards[{i}].name: {r.name!r} is unknown; allowed: {', '.join(sorted(REGISTRY))}"
+                " or a 'module:function' path"
+            )
+
+    t = cfg.train
+    for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):
+        if getattr(t, key) < 1:
+            p.append(f"train.{key}: {getattr(t, key)} is not allowed; need an integer >= 1")
+    if t.mixed_precision not in PRECISIONS:
+        p.append(f"train.mixed_precision: {t.mixed_precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
+
+    mc = cfg.model
+    if mc.flavour not in FLAVOURS:
+        p.append(f"model.flavour: {mc.flavour!r} is unknown; allowed: {', '.join(FLAVOURS)}")
+    if mc.name not in TINY_MODELS and _looks_like_path(mc.name) and not Path(mc.name).expanduser().is_dir():
+        p.append(
+            f"model.name: {mc.name!r} is neither a local folder that exists nor a hub id"
+            f" ('org/name'); allowed: {', '.join(TINY_MODELS)}, a hub id, or a diffusers pipeline folder"
+        )
+    if mc.resolution < 8 or mc.resolution % 8:
+        p.append(f"model.resolution: {mc.resolution} is not allowed; need a multiple of 8, >= 8")
+
+    if cfg.prompt_file is not None:
+        pf = Path(cfg.prompt_file)
+        if not pf.is_file():
+            p.append(f"prompt_file: {cfg.prompt_file!r} does not exist")
+        elif not cfg.training_prompts():
+            p.append(f"prompt_file: {cfg.prompt_file!r} holds no prompt (one prompt a line)")
+    elif not cfg.prompts:
+        p.append("prompts: empty; give at least one prompt, or a prompt_file")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML (`k=3` is an int)."""
+    if "=" not in assignment:
+        raise ConfigError([f"--set {assignment!r}: expected key=value, e.g. method.k=3"])
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError([f"--set {key}: {'.'.join(parts[:i])} has no item {part}"])
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError([f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping"])
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError([f"--set {key}: list has no item {last}"])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from the defaults, `data` and `key=value` overrides."""
+    data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy, plain types only
+    defaults = Config().to_dict()
+    for assignment in overrides:
+        key = assignment.split("=", 1)[0].strip()
+        # an override of a list item (rewards.0.weight) needs the default list to index into
+        top = key.split(".")[0]
+        if top in defaults and isinstance(defaults[top], list) and top not in data:
+            data[top] = defaults[top]
+        apply_override(data, assignment)
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    if not problems:
+        problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (None: the defaults) with `key=value` overrides, validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError([f"--config: {str(path)!r} does not exist"])
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"--config: {str(path)!r} is not valid YAML: {e}"]) from None
+        if not isinstance(data, dict):
+            raise ConfigError([f"--config: {str(path)!r} must hold a mapping at the top level"])
+    return from_dict(data, overrides)
+
+
+def dump(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,347 @@
+"""diffusers components: loading (hub id or local folder), the tiny family, prompts, LoRA.
+
+SD 1.x/2.x and SDXL load through the same code path. The built-in `tiny` / `tiny-sdxl` models
+are the same classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel(+WithProjection),
+CLIPTokenizer), random-initialised from a seed and saved once as a real diffusers pipeline folder
+in the cache, then loaded like any local model: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rayreward.sampling import Denoiser
+
+TINY_VERSION = 1  # bump when the tiny architecture changes, so caches are rebuilt
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the source and the config key."""
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list  # SD: [CLIPTextModel]; SDXL: [CLIPTextModel, CLIPTextModelWithProjection]
+    tokenizers: list
+    scheduler: object  # diffusers DDIMScheduler
+    flavour: str  # "sd" or "sdxl"
+    source: str  # the folder or hub id it came from
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is a zero embedding
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "Components":
+        for m in [self.unet, self.vae, *self.text_encoders]:
+            m.to(device)
+        if dtype is not None:  # frozen parts only; LoRA parameters stay fp32
+            for m in [self.vae, *self.text_encoders]:
+                m.to(dtype)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny family.
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the standard BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _tiny_tokenizer(folder: Path, max_length: int = 32):
+    """A CLIPTokenizer whose vocabulary is the byte alphabet (each char, and char + '</w>')."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def build_tiny_pipeline(flavour: str, seed: int):
+    """Random-initialised tiny SD-1.x ('sd') or SDXL ('sdxl') pipeline of the real classes."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = _tiny_tokenizer(Path(tmp) / "tok")
+        text_cfg = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                        vocab_size=len(tok), max_position_embeddings=tok.model_max_length, projection_dim=32,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8, attention_head_dim=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=32)
+        if flavour == "sd":
+            unet = UNet2DConditionModel(cross_attention_dim=32, **unet_cfg)
+            te = CLIPTextModel(CLIPTextConfig(**text_cfg))
+            return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        assert flavour == "sdxl", flavour
+        # cross attention sees both encoders' hidden states (32 + 32); the added embedding sees
+        # 6 time ids * 8 + the pooled projection (32)
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **unet_cfg)
+        te1 = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=scheduler)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYREWARD_CACHE", Path.home() / ".cache" / "rayreward"))
+
+
+def tiny_model_dir(flavour: str, seed: int) -> Path:
+    """The cached folder of a tiny pipeline, built on first use (atomic: safe with many workers)."""
+    target = cache_dir() / f"tiny-{flavour}-seed{seed}-v{TINY_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    build_tiny_pipeline(flavour, seed).save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def resolve_source(model_cfg) -> str:
+    if model_cfg.name == "tiny":
+        return str(tiny_model_dir("sd", model_cfg.seed))
+    if model_cfg.name == "tiny-sdxl":
+        return str(tiny_model_dir("sdxl", model_cfg.seed))
+    return str(Path(model_cfg.name).expanduser()) if Path(model_cfg.name).expanduser().is_dir() else model_cfg.name
+
+
+def load_components(model_cfg) -> Components:
+    """UNet, VAE, text encoder(s), tokenizer(s) and a DDIM scheduler from `model.name`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    src = resolve_source(model_cfg)
+    kw = dict(revision=model_cfg.revision)
+    try:
+        index = DiffusionPipeline.load_config(src, **kw)
+        flavour = model_cfg.flavour
+        if flavour == "auto":
+            flavour = "sdxl" if "text_encoder_2" in index else "sd"
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=model_cfg.variant, **kw)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=model_cfg.variant, **kw)
+        encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=model_cfg.variant, **kw)]
+        tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
+        if flavour == "sdxl":
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", variant=model_cfg.variant, **kw))
+            tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
+        scheduler = DDIMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(
+            f"model.name={model_cfg.name!r}: could not load the diffusers pipeline from {src!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). Set model.name to a local diffusers folder, or make the "
+            "hub reachable (HF_HUB_OFFLINE unset) or its files present in the hub cache."
+        ) from None
+    for m in [unet, vae, *encoders]:
+        m.eval().requires_grad_(False)
+    return Components(unet, vae, encoders, tokenizers, scheduler, flavour, src,
+                      force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", flavour == "sdxl")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts, the guided denoiser, decoding.
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch. Shape: embeds (b, L, D); SDXL pooled (b, P), time_ids (b, 6)."""
+
+    embeds: torch.Tensor
+    neg_embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def _encode(c: Components, prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden, pooled = [], None
+    for tok, enc in zip(c.tokenizers, c.text_encoders):
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(device)
+        if c.flavour == "sd":
+            return enc(ids)[0], None
+        out = enc(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder (with projection) gives the pooled text_embeds
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def encode_prompts(c: Components, prompts: Sequence[str], negative_prompt: str, resolution: int, device) -> Conditioning:
+    """Prompt embeddings as the stock diffusers pipelines compute them (same tokenizer padding)."""
+    embeds, pooled = _encode(c, prompts, device)
+    if c.flavour == "sdxl" and c.force_zeros_for_empty_prompt and not negative_prompt:
+        neg, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        neg, neg_pooled = _encode(c, [negative_prompt] * len(prompts), device)
+    time_ids = None
+    if c.flavour == "sdxl":  # original size, crop top-left, target size
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
+                                dtype=embeds.dtype).repeat(len(prompts), 1)
+    return Conditioning(embeds, neg, pooled, neg_pooled, time_ids)
+
+
+def make_denoiser(unet: torch.nn.Module, cond: Conditioning, guidance_scale: float,
+                  autocast_dtype: torch.dtype | None = None) -> Denoiser:
+    """denoise(x_t, t) -> guided model output, in fp32. CFG runs both branches in one UNet call
+    when guidance_scale > 1 (as diffusers does); a batch that is a multiple of the prompts'
+    (DRaFT-LV copies) repeats the conditioning."""
+    cfg = guidance_scale > 1.0
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        reps = x.shape[0] // cond.embeds.shape[0]
+        rep = lambda v: None if v is None else v.repeat(reps, *([1] * (v.dim() - 1)))  # noqa: E731
+        emb, pooled, time_ids = rep(cond.embeds), rep(cond.pooled), rep(cond.time_ids)
+        if cfg:
+            x = torch.cat([x, x])
+            emb = torch.cat([rep(cond.neg_embeds), emb])
+            if pooled is not None:
+                pooled, time_ids = torch.cat([rep(cond.neg_pooled), pooled]), torch.cat([time_ids, time_ids])
+        added = None if pooled is None else {"text_embeds": pooled, "time_ids": time_ids}
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = unet(x, t, encoder_hidden_states=emb, added_cond_kwargs=added).sample
+        out = out.float()
+        if not cfg:
+            return out
+        uncond, text = out.chunk(2)
+        return uncond + guidance_scale * (text - uncond)
+
+    return denoise
+
+
+def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [0, 1]. Shape: (b, 4, h, w) -> (b, 3, h * f, w * f). Differentiable."""
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode((latents / scale + shift).to(dtype)).sample.float()
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def initial_noise(seeds: Sequence[int], c: Components, resolution: int, device) -> torch.Tensor:
+    """x_T, one seeded draw per sample (CPU generator: the same on every device)."""
+    h = resolution // c.vae_scale_factor
+    ch = c.unet.config.in_channels
+    return torch.cat([torch.randn((1, ch, h, h), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft) on the UNet: add, save in the diffusers format, load back, scale and mix.
+
+
+def add_lora(unet: torch.nn.Module, lora_cfg, adapter_name: str = "default") -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter (A gaussian, B zero), return its fp32 parameters."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, init_lora_weights="gaussian",
+                                target_modules=list(lora_cfg.target_modules)), adapter_name=adapter_name)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def _pipeline_class(flavour: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if flavour == "sdxl" else StableDiffusionPipeline
+
+
+def save_lora(unet: torch.nn.Module, folder: str | os.PathLike, flavour: str, adapter_name: str = "default") -> Path:
+    """Write `pytorch_lora_weights.safetensors` in the diffusers format (rank and alpha in its
+    metadata), so a stock pipeline's `load_lora_weights(folder)` loads it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = convert_state_dict_to_diffusers({k: v.detach().float().cpu().contiguous() for k, v in state.items()})
+    meta = unet.peft_config[adapter_name].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    _pipeline_class(flavour).save_lora_weights(str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta,
+                                               safe_serialization=True)
+    return Path(folder) / LORA_WEIGHT_NAME
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The safetensors file of a LoRA given as a file or a folder; a clear error otherwise."""
+    p = Path(path).expanduser()
+    f = p / LORA_WEIGHT_NAME if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"LoRA {str(path)!r}: no such file (expected a folder holding {LORA_WEIGHT_NAME} or a .safetensors file)")
+    if f.suffix != ".safetensors":
+        raise ValueError(f"LoRA {str(path)!r}: only .safetensors LoRA files are loaded (no pickled checkpoints)")
+    return f
+
+
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
+    """Add the LoRA at `path` (diffusers format) to the UNet as a new adapter."""
+    unet.load_lora_adapter(str(lora_file(path)), prefix="unet", adapter_name=adapter_name)
+
+
+def load_lora_weights_into(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Copy saved LoRA weights into an existing adapter (resume); shapes and names must match."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(lora_file(path)))
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"LoRA {str(path)!r} does not fit this model: unexpected keys {unexpected[:3]}...")
+
+
+def apply_loras(unet: torch.nn.Module, loras: Sequence[tuple[str, float]]) -> list[str]:
+    """Load several LoRAs and activate them with weights: one LoRA with weight s interpolates
+    base (0) <-> tuned (1); several are mixed as a weighted sum of their updates."""
+    names = []
+    for i, (path, _) in enumerate(loras):
+        names.append(f"lora{i}")
+        load_lora(unet, path, names[-1])
+    if names:
+        unet.set_adapters(names, [float(w) for _, w in loras])
+    return names

@@ -1,0 +1,247 @@
+"""One differentiable DDIM sampler; the six methods are step-selection rules fed to it.
+
+Notation (DESIGN.md): T sampling steps, counted along the chain as positions n = 1..T (n = 1 is
+the first step, from x_T). A DDIM step is
+
+    x0_hat(x_t, eps) = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
+    x_{t-1}          = sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma^2) * eps + sigma * z
+                     = a_t * x_t + b_t * eps + sigma * z
+
+A method is a `StepPlan`: which positions run the denoiser with a parameter gradient, whether the
+denoiser input is detached (`sg(x_t)`, DRTune), and where the chain stops (early stop returns
+x0_hat). Steps outside the trained set run under `torch.no_grad()`, so their eps is a constant and
+memory grows with the number of trained steps, not with T. The sampler takes tensors and
+callables only: no Ray, no I/O, no globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+# denoise(x_t: (b, c, h, w), t: scalar long tensor) -> model output (b, c, h, w), already guided.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-position DDIM coefficients. Shape: every tensor (T,), index n - 1 for position n."""
+
+    timesteps: torch.Tensor  # long, descending
+    abar: torch.Tensor  # alpha-bar at t
+    abar_prev: torch.Tensor  # alpha-bar at the next (less noisy) timestep
+    prediction_type: str = "epsilon"  # or "v_prediction" (SD 2.x 768-v)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.timesteps.numel())
+
+    def to(self, device) -> "Schedule":
+        return Schedule(self.timesteps.to(device), self.abar.to(device), self.abar_prev.to(device), self.prediction_type)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":
+        """Coefficients of a diffusers DDIMScheduler, exactly as its `step` computes them."""
+        scheduler.set_timesteps(num_steps)
+        ts = scheduler.timesteps.long()
+        ac = scheduler.alphas_cumprod.double()
+        stride = scheduler.config.num_train_timesteps // num_steps
+        prev = ts - stride
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64)
+        abar_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+        return cls(ts, ac[ts].float(), abar_prev.float(), scheduler.config.prediction_type)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one training sample of one method does along the chain."""
+
+    num_steps: int  # T
+    grad_steps: frozenset[int]  # positions whose denoiser call carries a parameter gradient
+    detach_input: bool = False  # DRTune: the denoiser sees sg(x_t) at every step
+    stop: int | None = None  # early stop: return x0_hat at this position; None = full chain
+    lv_copies: int = 0  # DRaFT-LV: n re-noised copies of the last step (0 = off)
+    # AlignProp: per sample, the first position that carries gradient (None = whole batch alike)
+    sample_grad_from: tuple[int, ...] | None = None
+    info: dict = field(default_factory=dict, compare=False)  # the random draws, for logging
+
+
+@dataclass
+class StepRecord:
+    position: int  # n, 1..T
+    timestep: int  # t of the scheduler
+    grad: bool  # the denoiser call carried a parameter gradient
+    input_detached: bool  # the denoiser saw sg(x_t)
+
+
+@dataclass
+class SampleResult:
+    latents: torch.Tensor  # (b, c, h, w), or (n * b, c, h, w) with n DRaFT-LV copies
+    trace: list[StepRecord]
+    copies: int = 1  # rewards of the n copies of sample i are at i, b + i, 2b + i, ...
+
+    def copy_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Average a per-image quantity over the copies. Shape: (n * b,) -> (b,)."""
+        return values.view(self.copies, -1).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-selection rules, one per method. `g` seeds every random draw.
+
+
+def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
+    """Uniform integer in {lo..hi}, both ends included."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
+
+
+def plan_drtune(T: int, K: int, m: int, g: torch.Generator | None = None) -> StepPlan:
+    """K equally spaced steps with a random offset; detached input; early stop at t_min ~ U{1..m}.
+
+    stride = floor(T / K), s ~ U{1 .. T - (K - 1) * stride}, steps {s + i * stride}. t_min counts
+    from the end, so the chain stops at position T - t_min + 1 and returns x0_hat there; a
+    trained step after the stop does not run.
+    """
+    stride = T // K
+    s = _randint(1, T - (K - 1) * stride, g)
+    steps = [s + i * stride for i in range(K)]
+    t_min = _randint(1, m, g)
+    stop = T - t_min + 1
+    return StepPlan(T, frozenset(n for n in steps if n <= stop), detach_input=True, stop=stop,
+                    info={"offset": s, "stride": stride, "steps": steps, "t_min": t_min})
+
+
+def plan_draft(T: int) -> StepPlan:
+    """DRaFT: every step carries gradient, full chain."""
+    return StepPlan(T, frozenset(range(1, T + 1)))
+
+
+def plan_draft_k(T: int, K: int) -> StepPlan:
+    """DRaFT-K: the last K steps carry gradient, full chain."""
+    return StepPlan(T, frozenset(range(T - K + 1, T + 1)))
+
+
+def plan_draft_lv(T: int, n: int) -> StepPlan:
+    """DRaFT-LV: the chain without gradient, then n re-noised copies of the last step with it."""
+    return StepPlan(T, frozenset(), lv_copies=n)
+
+
+def plan_refl(T: int, window: tuple[int, int], g: torch.Generator | None = None) -> StepPlan:
+    """ReFL: t ~ U{t1..t2} counted from the end; no gradient before it; return x0_hat at t."""
+    t = _randint(window[0], window[1], g)
+    stop = T - t + 1
+    return StepPlan(T, frozenset({stop}), stop=stop, info={"t": t})
+
+
+def plan_alignprop(T: int, batch: int, k_range: tuple[int, int], g: torch.Generator | None = None) -> StepPlan:
+    """AlignProp: per sample k ~ U{lo..hi}; sample i back-propagates through its last k steps."""
+    ks = [_randint(k_range[0], k_range[1], g) for _ in range(batch)]
+    first = tuple(T - k + 1 for k in ks)
+    return StepPlan(T, frozenset(range(min(first), T + 1)), sample_grad_from=first, info={"k": ks})
+
+
+def make_plan(method, T: int, batch: int, g: torch.Generator | None = None) -> StepPlan:
+    """The plan of one training step from a `MethodConfig`."""
+    if method.name == "drtune":
+        return plan_drtune(T, method.k, method.early_stop_m, g)
+    if method.name == "draft":
+        return plan_draft(T)
+    if method.name == "draft_k":
+        return plan_draft_k(T, method.k)
+    if method.name == "draft_lv":
+        return plan_draft_lv(T, method.lv_copies)
+    if method.name == "refl":
+        return plan_refl(T, tuple(method.refl_window), g)
+    if method.name == "alignprop":
+        return plan_alignprop(T, batch, tuple(method.alignprop_range or (1, T)), g)
+    raise ValueError(f"method.name: {method.name!r} is unknown")
+
+
+def plan_inference(T: int) -> StepPlan:
+    """Plain sampling: no gradient anywhere, full chain."""
+    return StepPlan(T, frozenset())
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler.
+
+
+def _eps(out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Model output -> eps. v-prediction: eps = sqrt(abar) * v + sqrt(1 - abar) * x_t."""
+    if prediction_type == "epsilon":
+        return out
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * out + (1 - abar).sqrt() * x
+    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+
+
+def _randn_like(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    """Noise drawn on the generator's device (reproducible across devices), moved to x's."""
+    device = g.device if g is not None else x.device
+    return torch.randn(x.shape, generator=g, device=device, dtype=x.dtype).to(x.device)
+
+
+def x0_hat(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+    """One-step prediction of x_0 from x_t."""
+    return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def sample(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    plan: StepPlan,
+    *,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    gradient_checkpointing: bool = False,
+) -> SampleResult:
+    """Run the chain of `plan` from x_T. Shape: x_T (b, c, h, w) -> latents (b or n*b, c, h, w)."""
+    assert plan.num_steps == schedule.num_steps, (plan.num_steps, schedule.num_steps)
+    trace: list[StepRecord] = []
+
+    def call(x_in: torch.Tensor, t: torch.Tensor, grad: bool) -> torch.Tensor:
+        if not grad:
+            with torch.no_grad():
+                return denoise(x_in, t)
+        if gradient_checkpointing:
+            return _checkpoint(denoise, x_in, t, use_reentrant=False)
+        return denoise(x_in, t)
+
+    x = x_T
+    last = plan.stop or plan.num_steps
+    for n in range(1, last + 1):
+        t, abar, abar_prev = schedule.timesteps[n - 1], schedule.abar[n - 1], schedule.abar_prev[n - 1]
+        # 1. the denoiser at x_t: with gradient on trained steps, on sg(x_t) when detached
+        grad = n in plan.grad_steps and torch.is_grad_enabled()
+        detached = plan.detach_input or not grad
+        out = call(x.detach() if detached else x, t, grad)
+        if grad and plan.sample_grad_from is not None:
+            keep = torch.tensor([n >= f for f in plan.sample_grad_from], device=x.device)
+            out = torch.where(keep.view(-1, 1, 1, 1), out, out.detach())
+        trace.append(StepRecord(n, int(t), grad, detached))
+        # 2. eps and the one-step prediction; the x_t terms keep the linear gradient path
+        eps = _eps(out.to(x.dtype), x, abar, schedule.prediction_type)
+        x0 = x0_hat(x, eps, abar)
+        if n == plan.stop:
+            return SampleResult(x0, trace)
+        # 3. the DDIM step to x_{t-1}: a_t * x_t + b_t * eps (+ sigma * z)
+        var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+        sigma = eta * var.clamp(min=0).sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * _randn_like(x, generator)
+
+    if plan.lv_copies:
+        # 4. DRaFT-LV: x1_i = alpha_1 * sg(x0) + sigma_1 * z_i; x0_i = x0_hat(x1_i, eps(x1_i))
+        n_copies, T = plan.lv_copies, plan.num_steps
+        t1, abar1 = schedule.timesteps[T - 1], schedule.abar[T - 1]
+        x0 = x.detach().repeat(n_copies, 1, 1, 1)
+        x1 = abar1.sqrt() * x0 + (1 - abar1).sqrt() * _randn_like(x0, generator)
+        out = call(x1, t1, torch.is_grad_enabled())
+        trace.append(StepRecord(T, int(t1), torch.is_grad_enabled(), False))
+        eps = _eps(out.to(x1.dtype), x1, abar1, schedule.prediction_type)
+        return SampleResult(x0_hat(x1, eps, abar1), trace, copies=n_copies)
+    return SampleResult(x, trace)
