@@ -269,13 +269,16 @@ def initial_noise(seeds: Sequence[int], c: Components, resolution: int, device) 
 # LoRA (peft) on the UNet: add, save in the diffusers format, load back, scale and mix.
 
 
-def add_lora(unet: torch.nn.Module, lora_cfg, adapter_name: str = "default") -> list[torch.nn.Parameter]:
-    """Freeze the UNet, add a LoRA adapter (A gaussian, B zero), return its fp32 parameters."""
+def add_lora(unet: torch.nn.Module, lora_cfg, adapter_name: str = "default", seed: int = 0) -> list[torch.nn.Parameter]:
+    """Freeze the UNet, add a LoRA adapter (A gaussian from `seed`, B zero), return its fp32
+    parameters. The seeded init makes runs repeatable and every worker start alike."""
     from peft import LoraConfig
 
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, init_lora_weights="gaussian",
-                                target_modules=list(lora_cfg.target_modules)), adapter_name=adapter_name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(lora_cfg.target_modules)), adapter_name=adapter_name)
     params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
     for p in params:
         p.data = p.data.float()

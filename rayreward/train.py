@@ -146,7 +146,7 @@ class Worker:
         if self.amp is not None:
             self.c.unet.to(self.amp)
         self.c.to(self.device, self.amp)
-        self.params = models.add_lora(self.c.unet, cfg.lora)
+        self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
         self.unet = self.wrap(self.c.unet)  # the forward pass goes through the wrapped module
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
@@ -214,7 +214,10 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     if main:
         out.mkdir(parents=True, exist_ok=True)
         log = MetricsLog(out / "metrics.csv", resume.step)
-        if resume.step == 0:
+        if resume.step:
+            print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
+                  + (" (already complete)" if resume.step >= cfg.train.steps else ""), flush=True)
+        else:
             evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
@@ -275,7 +278,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def fit(cfg: config_mod.Config):
     """Driver: start or join Ray, run the TorchTrainer, return its Result."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out = Path(cfg.output_dir).resolve()
@@ -284,13 +287,18 @@ def fit(cfg: config_mod.Config):
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / "config.yaml")
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+        # Train V2 re-routes worker print() through logging and tees it: each line would show twice
+        env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+        if "RAYREWARD_CACHE" in os.environ:
+            env["RAYREWARD_CACHE"] = os.environ["RAYREWARD_CACHE"]
+        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env}, log_to_driver=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
     )
     return trainer.fit()

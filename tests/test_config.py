@@ -1,0 +1,100 @@
+"""Config loading, overrides and validation: each bad value gets a message with field, value, allowed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayreward import config
+from rayreward.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_every_experiment_file_validate():
+    config.from_dict({})
+    files = sorted((ROOT / "experiments").glob("*.yaml"))
+    assert files
+    for f in files:
+        config.load(f)
+
+
+def test_set_overrides_parse_yaml_values_and_index_lists():
+    cfg = config.load(ROOT / "experiments/quickstart.yaml",
+                      ["method.k=3", "sampling.guidance_scale=1", "rewards.0.weight=0.5", "lora.target_modules=[to_q]"])
+    assert cfg.method.k == 3 and cfg.sampling.guidance_scale == 1.0 and isinstance(cfg.sampling.guidance_scale, float)
+    assert cfg.rewards[0].weight == 0.5 and cfg.lora.target_modules == ["to_q"]
+    cfg = config.from_dict({}, ["rewards.0.weight=2"])  # indexes the default list
+    assert cfg.rewards[0].name == "symmetry" and cfg.rewards[0].weight == 2.0
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["method.k=11"], "method.k: 11 is larger than sampling.num_steps (10)"),
+    (["method.k=0"], "method.k: 0 is not allowed"),
+    (["method.name=dpo"], "method.name: 'dpo' is unknown; allowed: drtune, draft, draft_k, draft_lv, refl, alignprop"),
+    (["rewards=[{name: hpsv9}]"], "rewards[0].name: 'hpsv9' is unknown; allowed: brightness, contrast, sharpness, symmetry"),
+    (["lora.rank=-4"], "lora.rank: -4 is not allowed"),
+    (["optim.lr=-0.001"], "optim.lr: -0.001 is not allowed"),
+    (["sampling.guidance_scale=-1"], "sampling.guidance_scale: -1.0 is negative"),
+    (["model.name=/no/such/model/folder"], "model.name: '/no/such/model/folder' is neither a local folder"),
+    (["method.early_stop_m=11"], "method.early_stop_m: 11 is outside [1, sampling.num_steps=10]"),
+    (["method.name=refl", "method.refl_window=[3, 12]"], "method.refl_window: [3, 12] is not allowed"),
+    (["method.name=alignprop", "method.alignprop_range=[0, 4]"], "method.alignprop_range: [0, 4] is not allowed"),
+    (["method.name=draft_lv", "method.lv_copies=0"], "method.lv_copies: 0 is not allowed"),
+    (["train.steps=0"], "train.steps: 0 is not allowed"),
+    (["train.mixed_precision=fp8"], "train.mixed_precision: 'fp8' is unknown; allowed: auto, no, bf16, fp16"),
+    (["loss.kind=square"], "loss.kind: 'square' is unknown"),
+    (["model.resolution=30"], "model.resolution: 30 is not allowed"),
+    (["method.kk=2"], "method.kk: unknown key; allowed: name, k, early_stop_m"),
+    (["method.k=two"], "method.k: expected an integer, got 'two'"),
+    (["rewards.0.weight=heavy"], "rewards[0].weight: expected a number, got 'heavy'"),
+    (["prompts=[]"], "prompts: empty"),
+    (["prompt_file=/no/such/prompts.txt"], "prompt_file: '/no/such/prompts.txt' does not exist"),
+])
+def test_bad_values_are_named_with_value_and_allowed(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({}, overrides)
+    assert needle in str(e.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        config.from_dict({}, ["lora.rank=0", "optim.lr=0", "method.k=99"])
+    assert len(e.value.problems) == 3
+
+
+def test_bad_override_syntax_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="expected key=value"):
+        config.from_dict({}, ["method.k"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        config.load(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("method: {k: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "broken.yaml")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ConfigError, match="holds no prompt"):
+        config.from_dict({"prompt_file": str(tmp_path / "empty.txt")})
+
+
+def test_prompt_file_replaces_prompts(tmp_path):
+    (tmp_path / "p.txt").write_text("a fox\n\na boat\n")
+    cfg = config.from_dict({"prompt_file": str(tmp_path / "p.txt")})
+    assert cfg.training_prompts() == ["a fox", "a boat"]
+
+
+def test_cli_rejects_bad_config_with_exit_2_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"method": {"name": "drtune", "k": 50}, "lora": {"rank": -1}}))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "train", "--config", str(bad),
+                           "--set", f"output_dir={out}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "method.k: 50 is larger than sampling.num_steps" in proc.stderr
+    assert "lora.rank: -1 is not allowed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # rejected before anything was created
