@@ -24,9 +24,10 @@ def render(c: models.Components, prompts: Sequence[str], seeds: Sequence[int], s
     return models.decode(c.vae, res.latents).cpu()
 
 
-def grid_image(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[str] = (), min_side: int = 128):
+def grid_image(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[str] = (),
+               col_labels: Sequence[str] = (), min_side: int = 128):
     """A PIL image: `rows` x `cols` tiles (row-major), small images upscaled (nearest) to at
-    least `min_side`, with the row labels written on the left."""
+    least `min_side`, row labels on the left and column labels on top."""
     from PIL import Image, ImageDraw
 
     assert images.shape[0] == rows * cols, (images.shape, rows, cols)
@@ -34,11 +35,13 @@ def grid_image(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[
     k = max(1, -(-min_side // max(h, w)))
     tiles = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     label_w = 140 if row_labels else 0
-    pad = 4
-    canvas = Image.new("RGB", (label_w + cols * (w * k + pad) + pad, rows * (h * k + pad) + pad), "white")
+    pad, top = 4, 16 if col_labels else 0
+    canvas = Image.new("RGB", (label_w + cols * (w * k + pad) + pad, top + rows * (h * k + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels):
+        draw.text((label_w + pad + j * (w * k + pad) + 2, 2), label[:20], fill="black")
     for i in range(rows):
-        y = pad + i * (h * k + pad)
+        y = top + pad + i * (h * k + pad)
         if row_labels:
             draw.text((4, y + 4), row_labels[i][:22], fill="black")
         for j in range(cols):
@@ -48,7 +51,7 @@ def grid_image(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[
 
 
 def save_grid(images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], path: str | Path) -> Path:
-    grid_image(images, len(prompts), len(seeds), list(prompts)).save(path)
+    grid_image(images, len(prompts), len(seeds), list(prompts), [f"seed {s}" for s in seeds]).save(path)
     return Path(path)
 
 
