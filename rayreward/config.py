@@ -23,6 +23,7 @@ TINY_MODELS = ("tiny", "tiny-sdxl")
 FLAVOURS = ("auto", "sd", "sdxl")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_KINDS = ("linear", "hinge", "absolute")
+REWARD_MODES = ("local", "remote")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -106,8 +107,21 @@ class TrainConfig:
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
     gradient_checkpointing: bool = True  # recompute grad-carrying UNet calls in backward
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
-    num_workers: int = 1  # Ray Train workers (data parallel)
-    use_gpu: bool = False  # one GPU per worker
+    num_workers: int = 1  # Ray Train workers (data parallel); the global batch is num_workers * batch_size
+    use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers use gloo
+    max_failures: int = 0  # worker-group restarts (from the latest checkpoint) before the run fails
+    fail_at_step: int | None = None  # fault injection for tests: rank 0 dies once at this step
+
+
+@dataclass
+class RewardServerConfig:
+    mode: str = "local"  # "local": rewards in each worker; "remote": in reward actors
+    replicas: int = 1  # remote: reward actors; worker r uses replica (r + step) % replicas
+    num_cpus: float = 1.0  # remote: CPUs per reward actor
+    num_gpus: float = 0.0  # remote: GPUs per reward actor (the reward runs on cuda when > 0)
+    resources: dict = field(default_factory=dict)  # remote: custom resources, e.g. {reward_host: 1}
+    max_restarts: int = 3  # remote: restarts of a dead reward actor (its calls are retried)
+    fail_after_calls: int | None = None  # fault injection for tests: replica 0 dies once after N calls
 
 
 @dataclass
@@ -130,6 +144,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)
     grid: GridConfig = field(default_factory=GridConfig)
 
     def to_dict(self) -> dict:
@@ -280,6 +295,23 @@ def validate(cfg: Config) -> list[str]:
     for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):
         if getattr(t, key) < 1:
             p.append(f"train.{key}: {getattr(t, key)} is not allowed; need an integer >= 1")
+    if t.max_failures < -1:
+        p.append(f"train.max_failures: {t.max_failures} is not allowed; need >= 0, or -1 for unlimited")
+    if t.fail_at_step is not None and not 0 <= t.fail_at_step < max(t.steps, 1):
+        p.append(f"train.fail_at_step: {t.fail_at_step} is outside [0, train.steps={t.steps})")
+    rs = cfg.reward_server
+    if rs.mode not in REWARD_MODES:
+        p.append(f"reward_server.mode: {rs.mode!r} is unknown; allowed: {', '.join(REWARD_MODES)}")
+    if rs.replicas < 1:
+        p.append(f"reward_server.replicas: {rs.replicas} is not allowed; need an integer >= 1")
+    for key in ("num_cpus", "num_gpus"):
+        if getattr(rs, key) < 0:
+            p.append(f"reward_server.{key}: {getattr(rs, key)} is negative; need >= 0")
+    bad = {k: v for k, v in rs.resources.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+    if bad:
+        p.append(f"reward_server.resources: {bad} is not allowed; need {{name: amount >= 0}}")
+    if rs.max_restarts < -1:
+        p.append(f"reward_server.max_restarts: {rs.max_restarts} is not allowed; need >= 0, or -1 for unlimited")
     if t.mixed_precision not in PRECISIONS:
         p.append(f"train.mixed_precision: {t.mixed_precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
 

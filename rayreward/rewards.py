@@ -135,3 +135,25 @@ def build_composite(specs, device="cpu") -> CompositeReward:
         names.append(s.name if seen[s.name] == 1 else f"{s.name}_{seen[s.name]}")
     fns = [build_reward(s.name, device=device, **s.args) for s in specs]
     return CompositeReward(names, [float(s.weight) for s in specs], fns)
+
+
+def reward_loss(r: torch.Tensor, loss_cfg) -> torch.Tensor:
+    """Per-sample loss from the reward. Shape: (b,) -> (b,)."""
+    if loss_cfg.kind == "linear":
+        loss = -r
+    elif loss_cfg.kind == "hinge":
+        loss = torch.relu(loss_cfg.margin - r)
+    else:  # "absolute"
+        loss = (r - loss_cfg.margin).abs()
+    return loss_cfg.scale * loss
+
+
+def reward_and_loss(reward: CompositeReward, loss_cfg, images: torch.Tensor, prompts: Sequence[str], copies: int = 1):
+    """The batch loss and its rewards, the same in-process and in a reward actor.
+
+    Shape: images (copies * b, 3, h, w) -> loss (), reward (b,), components {name: (b,)}; the
+    rewards of the `copies` images of one sample (DRaFT-LV) are averaged first."""
+    total, parts = reward(images, list(prompts) * copies)
+    mean = lambda v: v.view(copies, -1).mean(0)  # noqa: E731
+    r = mean(total)
+    return reward_loss(r, loss_cfg).mean(), r, {k: mean(v) for k, v in parts.items()}

@@ -135,15 +135,17 @@ def plan_refl(T: int, window: tuple[int, int], g: torch.Generator | None = None)
     return StepPlan(T, frozenset({stop}), stop=stop, info={"t": t})
 
 
-def plan_alignprop(T: int, batch: int, k_range: tuple[int, int], g: torch.Generator | None = None) -> StepPlan:
-    """AlignProp: per sample k ~ U{lo..hi}; sample i back-propagates through its last k steps."""
-    ks = [_randint(k_range[0], k_range[1], g) for _ in range(batch)]
+def plan_alignprop(T: int, k_range: tuple[int, int], sample_gens: list) -> StepPlan:
+    """AlignProp: per sample k ~ U{lo..hi} (from that sample's generator); sample i
+    back-propagates through its last k steps."""
+    ks = [_randint(k_range[0], k_range[1], g) for g in sample_gens]
     first = tuple(T - k + 1 for k in ks)
     return StepPlan(T, frozenset(range(min(first), T + 1)), sample_grad_from=first, info={"k": ks})
 
 
-def make_plan(method, T: int, batch: int, g: torch.Generator | None = None) -> StepPlan:
-    """The plan of one training step from a `MethodConfig`."""
+def make_plan(method, T: int, batch: int, g: torch.Generator | None = None, sample_gens: list | None = None) -> StepPlan:
+    """The plan of one training step from a `MethodConfig`. Per-batch draws use `g`; per-sample
+    draws (AlignProp) use `sample_gens` (one generator per sample; default: `g` for all)."""
     if method.name == "drtune":
         return plan_drtune(T, method.k, method.early_stop_m, g)
     if method.name == "draft":
@@ -155,7 +157,7 @@ def make_plan(method, T: int, batch: int, g: torch.Generator | None = None) -> S
     if method.name == "refl":
         return plan_refl(T, tuple(method.refl_window), g)
     if method.name == "alignprop":
-        return plan_alignprop(T, batch, tuple(method.alignprop_range or (1, T)), g)
+        return plan_alignprop(T, tuple(method.alignprop_range or (1, T)), sample_gens or [g] * batch)
     raise ValueError(f"method.name: {method.name!r} is unknown")
 
 

@@ -9,7 +9,9 @@ resumed run draws exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -22,7 +24,7 @@ import torch
 
 from rayreward import config as config_mod
 from rayreward import evaluate, models, sampling
-from rayreward.rewards import build_composite
+from rayreward.rewards import build_composite, reward_and_loss, reward_loss  # noqa: F401 (re-export)
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -30,17 +32,6 @@ STATE_FILE = "trainer_state.json"
 
 # ---------------------------------------------------------------------------------------------
 # Small pure pieces.
-
-
-def reward_loss(r: torch.Tensor, loss_cfg) -> torch.Tensor:
-    """Per-sample loss from the reward. Shape: (b,) -> (b,)."""
-    if loss_cfg.kind == "linear":
-        loss = -r
-    elif loss_cfg.kind == "hinge":
-        loss = torch.relu(loss_cfg.margin - r)
-    else:  # "absolute"
-        loss = (r - loss_cfg.margin).abs()
-    return loss_cfg.scale * loss
 
 
 def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -58,10 +49,6 @@ def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimi
     return finite, float(norm)
 
 
-def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or precision == "no":
         return None
@@ -73,7 +60,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class MetricsLog:
-    """metrics.csv, appended a row a step; on resume, rows past the checkpoint are dropped."""
+    """metrics.csv, appended a row a step; columns are the union of the rows' keys (empty where a
+    row has none). On resume, rows at or past the checkpoint's step are dropped."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
@@ -81,24 +69,24 @@ class MetricsLog:
         if path.is_file():
             with path.open() as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        self.fields: list[str] = list(dict.fromkeys(k for r in self.rows for k in r))
         self._rewrite()
 
     def _rewrite(self):
-        fields = list(self.rows[0].keys()) if self.rows else []
         with self.path.open("w", newline="") as f:
-            if fields:
-                w = csv.DictWriter(f, fieldnames=fields)
+            if self.fields:
+                w = csv.DictWriter(f, fieldnames=self.fields, restval="")
                 w.writeheader()
                 w.writerows(self.rows)
 
     def append(self, row: dict):
-        new_header = not self.rows or list(row.keys()) != list(self.rows[0].keys())
-        self.rows.append({k: row[k] for k in row})
-        if new_header:
+        self.rows.append(dict(row))
+        if any(k not in self.fields for k in row):
+            self.fields += [k for k in row if k not in self.fields]
             self._rewrite()
         else:
             with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=list(row.keys())).writerow(row)
+                csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,15 +116,67 @@ def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, ski
     return folder
 
 
+def _seed(*parts) -> int:
+    """A 63-bit seed from any tuple of ints and strings (stable across processes)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class GradSync:
+    """Data parallelism by hand: the LoRA gradients and the step's statistics of all workers
+    are averaged in one all-reduce of one flat tensor, after backward.
+
+    Why not DDP: its bucketed all-reduce fires from autograd hooks and assumes one forward per
+    backward; a sampling chain makes a varying number of grad-carrying UNet calls per step
+    (DRTune's early stop, AlignProp's truncation), which DDP either rejects or, with
+    static_graph, reduces at the wrong moment. One explicit all-reduce after backward is exact
+    for any number of calls."""
+
+    def __init__(self, params: list[torch.nn.Parameter], world: int):
+        import torch.distributed as dist
+
+        self.params, self.world, self.dist = params, world, dist
+        self.active = world > 1 and dist.is_available() and dist.is_initialized()
+
+    def broadcast_from_rank0(self) -> None:
+        if self.active:
+            for p in self.params:
+                self.dist.broadcast(p.data, src=0)
+
+    def average(self, stats: torch.Tensor) -> torch.Tensor:
+        """Average every worker's LoRA gradients (in place) and `stats` (1-D); returns the stats."""
+        if not self.active:
+            return stats
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.flatten() for g in grads] + [stats.to(grads[0])])
+        self.dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        return flat[offset:].to(stats)
+
+    def max_divergence(self) -> float:
+        """Largest difference of a LoRA fingerprint (sum, sum of squares) between workers."""
+        if not self.active:
+            return 0.0
+        fp = torch.stack([sum(p.detach().double().sum() for p in self.params),
+                          sum(p.detach().double().pow(2).sum() for p in self.params)])
+        lo, hi = fp.clone(), fp.clone()
+        self.dist.all_reduce(lo, op=self.dist.ReduceOp.MIN)
+        self.dist.all_reduce(hi, op=self.dist.ReduceOp.MAX)
+        return float((hi - lo).abs().max())
+
+
 @dataclass
 class Worker:
-    """What one worker holds: models, LoRA, optimizer, reward."""
+    """What one worker holds: models, LoRA, optimizer, reward (in-process or remote)."""
 
     cfg: config_mod.Config
     device: torch.device
     rank: int = 0
     world: int = 1
-    wrap: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m  # DDP wrapper from Ray Train
+    reward_actors: list | None = None  # remote rewards: RewardServer handles from the driver
     c: models.Components = field(init=False)
 
     def __post_init__(self):
@@ -147,10 +187,16 @@ class Worker:
             self.c.unet.to(self.amp)
         self.c.to(self.device, self.amp)
         self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
-        self.unet = self.wrap(self.c.unet)  # the forward pass goes through the wrapped module
+        self.sync = GradSync(self.params, self.world)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            weight_decay=cfg.optim.weight_decay)
-        self.reward = build_composite(cfg.rewards, device=self.device)
+        if self.reward_actors:
+            from rayreward.serving import RemoteReward
+
+            self.score = RemoteReward(self.reward_actors, self.rank)
+        else:
+            composite = build_composite(cfg.rewards, device=self.device)
+            self.score = lambda images, prompts, copies: reward_and_loss(composite, cfg.loss, images, prompts, copies)
         self.schedule = sampling.Schedule.from_scheduler(self.c.scheduler, cfg.sampling.num_steps).to(self.device)
         self.prompts = cfg.training_prompts()
 
@@ -158,57 +204,84 @@ class Worker:
         models.load_lora_weights_into(self.c.unet, resume.lora_dir)
         self.optimizer.load_state_dict(resume.optimizer_state)
 
-    def train_step(self, step: int) -> dict:
+    def draw_batch(self, step: int):
+        """This worker's share of step `step`'s global batch: prompts, x_T, the step plan and the
+        sampler's noise generator. Sample i of the global batch depends on (seed, step, i) only,
+        and the plan on (seed, step), so N workers x B samples see what 1 worker x N*B sees."""
         cfg, B = self.cfg, self.cfg.train.batch_size
+        seed = cfg.train.seed
+        gens = [torch.Generator().manual_seed(_seed(seed, step, "sample", i))
+                for i in range(self.rank * B, (self.rank + 1) * B)]
+        prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
+        side = cfg.model.resolution // self.c.vae_scale_factor
+        x_T = torch.cat([torch.randn((1, self.c.unet.config.in_channels, side, side), generator=g) for g in gens])
+        plan = sampling.make_plan(cfg.method, cfg.sampling.num_steps, B,
+                                  torch.Generator().manual_seed(_seed(seed, step, "plan")), sample_gens=gens)
+        noise = torch.Generator().manual_seed(_seed(seed, step, "noise", self.rank))
+        return prompts, x_T.to(self.device), plan, noise
+
+    def forward_backward(self, step: int) -> tuple[torch.Tensor, dict, sampling.SampleResult]:
+        """Sample, reward, backward and average over workers; the LoRA .grad then holds the
+        global batch's gradient. Returns the averaged statistics, timings and the sample."""
+        cfg = self.cfg
         t0 = time.perf_counter()
-        # 1. this step's prompts, noise and step plan, from (seed, step, rank)
-        g = step_generator(cfg.train.seed, step, self.rank)
-        prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (B,), generator=g).tolist()]
-        x_T = torch.randn((B, self.c.unet.config.in_channels, *(2 * [cfg.model.resolution // self.c.vae_scale_factor])),
-                          generator=g).to(self.device)
-        plan = sampling.make_plan(cfg.method, cfg.sampling.num_steps, B, g)
+        # 1. this step's prompts, noise and step plan
+        prompts, x_T, plan, noise = self.draw_batch(step)
         # 2. sample with gradient where the plan says, decode
         cond = models.encode_prompts(self.c, prompts, cfg.sampling.negative_prompt, cfg.model.resolution, self.device)
-        denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp)
-        res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=g,
+        denoise = models.make_denoiser(self.c.unet, cond, cfg.sampling.guidance_scale, self.amp)
+        res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=noise,
                               gradient_checkpointing=cfg.train.gradient_checkpointing)
         images = models.decode(self.c.vae, res.latents)
         t_sample = time.perf_counter()
-        # 3. reward and loss (DRaFT-LV: averaged over its copies)
-        total, parts = self.reward(images, prompts * res.copies)
-        r = res.copy_mean(total)
-        loss = reward_loss(r, cfg.loss).mean()
+        # 3. reward and loss, in-process or one round trip to a reward actor
+        loss, r, parts = self.score(images, prompts, res.copies)
         t_reward = time.perf_counter()
-        # 4. backward, clip, guarded step
+        # 4. backward; average gradients and statistics (loss, E[r], E[r^2], components) over workers
         loss.backward()
-        stepped, gnorm = guarded_step(self.params, self.optimizer, loss.detach(), cfg.optim.grad_clip)
+        stats = torch.stack([loss.detach(), r.detach().mean(), r.detach().pow(2).mean(),
+                             *[v.detach().mean() for v in parts.values()]]).float().cpu()
+        stats = self.sync.average(stats).cpu()
+        times = {"s_sample": t_sample - t0, "s_reward": t_reward - t_sample, "t_start": t0}
+        return stats, {"parts": list(parts), **times}, res
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns its metrics row (averaged over workers)."""
+        cfg = self.cfg
+        stats, info, res = self.forward_backward(step)
+        stepped, gnorm = guarded_step(self.params, self.optimizer, stats[0], cfg.optim.grad_clip)
         t_end = time.perf_counter()
-        row = {"step": step, "reward_mean": r.mean().item(), "reward_std": r.std().item() if B > 1 else 0.0,
-               "loss": loss.item(), "grad_norm": gnorm, "stepped": int(stepped),
+        n = self.world * cfg.train.batch_size
+        var = max(float(stats[2] - stats[1] ** 2), 0.0) * n / max(n - 1, 1)
+        row = {"step": step, "reward_mean": float(stats[1]), "reward_std": var**0.5,
+               "loss": float(stats[0]), "grad_norm": gnorm, "stepped": int(stepped),
                "trained_steps": sum(rec.grad for rec in res.trace),
-               "s_sample": t_sample - t0, "s_reward": t_reward - t_sample, "s_backward": t_end - t_reward,
-               "s_step": t_end - t0}
-        row.update({f"reward/{k}": res.copy_mean(v).mean().item() for k, v in parts.items()})
+               "s_sample": info["s_sample"], "s_reward": info["s_reward"],
+               # backward + gradient all-reduce + optimizer step
+               "s_backward": t_end - info["t_start"] - info["s_sample"] - info["s_reward"],
+               "s_step": t_end - info["t_start"]}
+        row.update({f"reward/{k}": float(v) for k, v in zip(info["parts"], stats[3:])})
         return row
 
     @torch.no_grad()
     def render(self, prompts, seeds) -> torch.Tensor:
         """Images of (prompt, seed) pairs, row-major, with the current LoRA."""
         return evaluate.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
-                               self.amp, unet=self.unet)
+                               self.amp)
 
 
 def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  resume: Resume | None = None, report: Callable[[dict, Path | None], None] | None = None,
-                 wrap: Callable = lambda m: m) -> dict:
+                 reward_actors: list | None = None) -> dict:
     """Train for cfg.train.steps; returns the last metrics row. `report(row, checkpoint_dir)` is
     called on every worker the same number of times (every step; with a folder on checkpoint
     steps, rank 0 only)."""
     out = Path(cfg.output_dir)
     resume = resume or Resume()
-    w = Worker(cfg, torch.device(device), rank, world, wrap)
+    w = Worker(cfg, torch.device(device), rank, world, reward_actors)
     if resume.lora_dir:
         w.restore(resume)
+    w.sync.broadcast_from_rank0()
     grid_prompts = cfg.grid.prompts or w.prompts[:4]
     main = rank == 0
     if main:
@@ -220,20 +293,27 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         else:
             evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
+              f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
     skipped, row = resume.skipped, {}
     for step in range(resume.step, cfg.train.steps):
+        _maybe_inject_fault(cfg, step, rank, out)
         row = w.train_step(step)
         skipped += 1 - row["stepped"]
         row["skipped_total"] = skipped
         last = step == cfg.train.steps - 1
+        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or last
+        if checkpoint_now:
+            row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
+            assert row["lora_divergence"] < 1e-6 * max(1.0, float(sum(p.detach().abs().sum() for p in w.params))), \
+                f"workers' LoRA weights diverged ({row['lora_divergence']:.3g}): gradient sync is broken"
         ckpt = None
         if main:
             log.append(row)
             print(f"[rayreward] step {step + 1}/{cfg.train.steps} | reward {row['reward_mean']:+.4f} "
                   f"± {row['reward_std']:.4f} | loss {row['loss']:+.4f} | grad {row['grad_norm']:.2e} | "
                   f"{row['s_step']:.2f} s/step" + ("" if row["stepped"] else " | SKIPPED (non-finite)"), flush=True)
-            if (step + 1) % cfg.train.checkpoint_every == 0 or last:
+            if checkpoint_now:
                 ckpt = Path(tempfile.mkdtemp(prefix="rayreward-ckpt-"))
                 write_checkpoint(ckpt, w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg)
                 evaluate.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
@@ -246,17 +326,32 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     return row
 
 
+def _maybe_inject_fault(cfg, step: int, rank: int, out: Path) -> None:
+    """train.fail_at_step (tests): rank 0's process dies at that step, once per output folder."""
+    if cfg.train.fail_at_step != step or rank != 0:
+        return
+    marker = out / f".fault-injected-at-step-{step}"
+    if not marker.exists():
+        marker.touch()
+        print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
+        os._exit(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Train.
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: everything arrives through `loop_config` (a Config as a dict)."""
+    """Ray Train entry: everything arrives through `loop_config` (the Config as a dict, and the
+    reward actors' handles when rewards are remote)."""
     import ray.train
     import ray.train.torch
 
-    cfg = config_mod.from_dict(loop_config)
-    ctx = ray.train.get_context()  # [1] who am I
+    # Ray Train logs every report at INFO through a logger named by its file path, which
+    # LoggingConfig's ray.train filter misses; our progress line already says the same.
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = config_mod.from_dict(loop_config["config"])
+    ctx = ray.train.get_context()  # [1] who am I: rank and world size (gloo/nccl group is up)
     resume = None
     ckpt = ray.train.get_checkpoint()  # [2] resume from the latest checkpoint, if any
     if ckpt is not None:
@@ -265,40 +360,59 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def report(row: dict, folder: Path | None) -> None:  # [3] every worker, every step
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if folder is None:
-            ray.train.report(metrics)
-        else:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+        checkpoint = None if folder is None else ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint)
 
-    run_training(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(),
-                 world=ctx.get_world_size(), resume=resume, report=report,
-                 wrap=ray.train.torch.prepare_model if ctx.get_world_size() > 1 else (lambda m: m))  # [4] DDP
+    run_training(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+                 resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
+
+
+# Ray Train V2 re-routes worker print() through logging and tees it: each line would show twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def init_ray() -> None:
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
 def fit(cfg: config_mod.Config):
-    """Driver: start or join Ray, run the TorchTrainer, return its Result."""
+    """Driver: join or start Ray, start the reward actors, run the TorchTrainer, return its Result."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rayreward.serving import start_reward_servers
 
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
     cfg.prompts, cfg.prompt_file = cfg.training_prompts(), None  # the workers get the prompts themselves
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / "config.yaml")
-    if not ray.is_initialized():
-        # Train V2 re-routes worker print() through logging and tees it: each line would show twice
-        env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-        if "RAYREWARD_CACHE" in os.environ:
-            env["RAYREWARD_CACHE"] = os.environ["RAYREWARD_CACHE"]
-        ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env}, log_to_driver=True)
+    init_ray()
+    actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
+    env = dict(WORKER_ENV, **{k: os.environ[k] for k in ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg.to_dict(),
+        train_loop_config={"config": cfg.to_dict(), "reward_actors": actors},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             worker_runtime_env={"env_vars": env},
                              logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        if actors:
+            states = [ray.get(a.info.remote(), timeout=30) for a in actors]
+            (out / "reward_servers.json").write_text(json.dumps(states, indent=1))
+            for i, st in enumerate(states):
+                if st["restarted"]:
+                    print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
+            for a in actors:
+                ray.kill(a)

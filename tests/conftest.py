@@ -23,7 +23,7 @@ def ray_session():
 
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYREWARD_CACHE": os.environ["RAYREWARD_CACHE"],
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

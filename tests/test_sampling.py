@@ -153,7 +153,7 @@ def test_alignprop_per_sample_truncation():
         assert grad_positions(den) == set(range(f, T + 1)), i
     ks = set()
     for seed in range(200):
-        p = sampling.plan_alignprop(T, 4, (2, 4), torch.Generator().manual_seed(seed))
+        p = sampling.plan_alignprop(T, (2, 4), [torch.Generator().manual_seed(seed)] * 4)
         assert all(2 <= T - f + 1 <= 4 for f in p.sample_grad_from)
         assert p.grad_steps == frozenset(range(min(p.sample_grad_from), T + 1))
         ks.update(p.info["k"])

@@ -1,0 +1,102 @@
+"""Reward models in Ray actors, and the gradient round trip.
+
+The driver starts `RewardServer` actors (own resources: GPUs, or a custom resource that only
+reward nodes advertise) and passes their handles to the training workers. A worker sends
+`images.detach()` and the prompts; the actor computes the loss with its frozen reward, back-
+propagates to the images, and returns the loss, the rewards and dL/dimages. The worker continues
+with `images.backward(dL/dimages)` through `RemoteLoss`: the loss is a function of the images
+alone, so one round trip per batch suffices. A dead actor is restarted by Ray and the call
+retried (`max_restarts`, `max_task_retries`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from rayreward.config import LossConfig, RewardSpec
+from rayreward.rewards import build_composite, reward_and_loss
+
+
+class RewardServer:
+    """A reward model host: loads its rewards once, serves `score` calls. Run as a Ray actor."""
+
+    def __init__(self, specs: list[dict], loss: dict, device: str = "cpu", fail_after_calls: int | None = None):
+        import ray
+
+        self.device = torch.device(device)
+        self.reward = build_composite([RewardSpec(**s) for s in specs], device=self.device)
+        self.loss_cfg = LossConfig(**loss)
+        self.calls = 0
+        # fault injection (tests): die once, in the first life of the actor only
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.fail_after_calls = None if restarted else fail_after_calls
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], copies: int = 1) -> dict:
+        """Shape: images (copies * b, 3, h, w) in [0, 1] -> loss (), reward (b,), grad like images."""
+        if self.fail_after_calls is not None and self.calls >= self.fail_after_calls:
+            os._exit(1)
+        self.calls += 1
+        x = images.to(self.device, torch.float32).requires_grad_(True)
+        loss, r, parts = reward_and_loss(self.reward, self.loss_cfg, x, prompts, copies)
+        (grad,) = torch.autograd.grad(loss, x)
+        return {"loss": loss.detach().cpu(), "reward": r.detach().cpu(), "grad": grad.cpu(),
+                "parts": {k: v.detach().cpu() for k, v in parts.items()}}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        import ray
+
+        return {"pid": os.getpid(), "calls": self.calls, "device": str(self.device),
+                "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+
+
+class RemoteLoss(torch.autograd.Function):
+    """loss = f(images) computed elsewhere: forward returns the value, backward the given grad."""
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return g * grad, None, None
+
+
+def start_reward_servers(cfg) -> list:
+    """Start `reward_server.replicas` actors with their resources; the driver calls this."""
+    import ray
+
+    rs = cfg.reward_server
+    device = "cuda" if rs.num_gpus > 0 else "cpu"
+    actor = ray.remote(RewardServer).options(
+        num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, resources=dict(rs.resources) or None,
+        max_restarts=rs.max_restarts, max_task_retries=rs.max_restarts, max_concurrency=1)
+    specs = [vars(s) for s in cfg.rewards]
+    actors = [actor.remote(specs, vars(cfg.loss), device, rs.fail_after_calls if i == 0 else None)
+              for i in range(rs.replicas)]
+    ray.get([a.pid.remote() for a in actors])  # fail here, at start-up, if they cannot be placed or built
+    return actors
+
+
+class RemoteReward:
+    """The worker side: same call as the in-process path, (loss, reward, components)."""
+
+    def __init__(self, actors: list, rank: int = 0):
+        self.actors, self.rank, self.calls = actors, rank, 0
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], copies: int = 1):
+        import ray
+
+        actor = self.actors[(self.rank + self.calls) % len(self.actors)]
+        self.calls += 1
+        out = ray.get(actor.score.remote(images.detach().cpu(), list(prompts), copies))
+        dev = images.device
+        loss = RemoteLoss.apply(images, out["loss"].to(dev), out["grad"].to(dev, images.dtype))
+        return loss, out["reward"].to(dev), {k: v.to(dev) for k, v in out["parts"].items()}
