@@ -96,6 +96,7 @@ class OptimConfig:
     lr: float = 3e-3  # AdamW learning rate on the LoRA parameters
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon; larger values damp updates of near-zero gradients
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
 
@@ -193,6 +194,11 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value
@@ -275,6 +281,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"optim.lr: {cfg.optim.lr} is not allowed; the learning rate must be > 0")
     if cfg.optim.weight_decay < 0:
         p.append(f"optim.weight_decay: {cfg.optim.weight_decay} is negative; need >= 0")
+    if cfg.optim.eps <= 0:
+        p.append(f"optim.eps: {cfg.optim.eps} is not allowed; need > 0")
     if cfg.optim.grad_clip < 0:
         p.append(f"optim.grad_clip: {cfg.optim.grad_clip} is negative; need >= 0 (0 disables)")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,14 +122,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYREWARD_CACHE", Path.home() / ".cache" / "rayreward"))
 
 
+def _complete(folder: Path) -> bool:
+    """Every component of the pipeline folder has its config and weights."""
+    if not (folder / "model_index.json").is_file():
+        return False
+    weights = {"unet", "vae", "text_encoder", "text_encoder_2"}
+    index = json.loads((folder / "model_index.json").read_text())
+    return all(any((folder / name).glob("*.safetensors")) for name in index if name in weights)
+
+
 def tiny_model_dir(flavour: str, seed: int) -> Path:
     """The cached folder of a tiny pipeline, built on first use (atomic: safe with many workers)."""
     target = cache_dir() / f"tiny-{flavour}-seed{seed}-v{TINY_VERSION}"
-    if (target / "model_index.json").is_file():
+    if _complete(target):
+        return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # transformers' save_pretrained writes weights from distributed rank 0 only: inside a
+        # worker group, build in a fresh interpreter that has no process group
+        subprocess.run([sys.executable, "-m", "rayreward.models", flavour, str(seed)], check=True)
+        assert _complete(target), target
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     build_tiny_pipeline(flavour, seed).save_pretrained(tmp)
+    assert _complete(tmp), f"incomplete tiny pipeline in {tmp}"
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished first
@@ -348,3 +366,7 @@ def apply_loras(unet: torch.nn.Module, loras: Sequence[tuple[str, float]]) -> li
     if names:
         unet.set_adapters(names, [float(w) for _, w in loras])
     return names
+
+
+if __name__ == "__main__":  # python -m rayreward.models {sd|sdxl} SEED: build a tiny model's cache
+    print(tiny_model_dir(sys.argv[1], int(sys.argv[2])))

@@ -189,7 +189,7 @@ class Worker:
         self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
         self.sync = GradSync(self.params, self.world)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
+                                           eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
         if self.reward_actors:
             from rayreward.serving import RemoteReward
 
@@ -392,6 +392,8 @@ def fit(cfg: config_mod.Config):
     cfg.prompts, cfg.prompt_file = cfg.training_prompts(), None  # the workers get the prompts themselves
     out.mkdir(parents=True, exist_ok=True)
     config_mod.dump(cfg, out / "config.yaml")
+    if cfg.model.name in config_mod.TINY_MODELS:
+        models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
     init_ray()
     actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ})

@@ -26,6 +26,8 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
                       ["method.k=3", "sampling.guidance_scale=1", "rewards.0.weight=0.5", "lora.target_modules=[to_q]"])
     assert cfg.method.k == 3 and cfg.sampling.guidance_scale == 1.0 and isinstance(cfg.sampling.guidance_scale, float)
     assert cfg.rewards[0].weight == 0.5 and cfg.lora.target_modules == ["to_q"]
+    cfg = config.from_dict({"optim": {"eps": "1e-6"}}, ["optim.lr=1e-4"])  # YAML reads 1e-4 as a string
+    assert cfg.optim.lr == 1e-4 and cfg.optim.eps == 1e-6
     cfg = config.from_dict({}, ["rewards.0.weight=2"])  # indexes the default list
     assert cfg.rewards[0].name == "symmetry" and cfg.rewards[0].weight == 2.0
 

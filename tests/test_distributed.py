@@ -1,0 +1,98 @@
+"""Data parallelism, remote rewards and fault tolerance on a local multi-process Ray (CPU, gloo)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rayreward import config, models, serving, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def cfg_for(out: Path, *overrides: str) -> config.Config:
+    return config.load(ROOT / "experiments/quickstart.yaml",
+                       [f"output_dir={out}", "sampling.num_steps=4", "method.early_stop_m=2", "grid.seeds=[0]",
+                        "grid.prompts=[a cat]", *overrides])
+
+
+def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ray_session):
+    # AdamW's first update is ~lr * sign(g): a gradient at float-noise level (1e-10) could flip
+    # sign between the two summation orders; eps=1e-6 keeps such noise from being amplified
+    steps = ["train.steps=3", "train.checkpoint_every=1", "optim.eps=1e-6"]
+    two = cfg_for(tmp_path / "two", "train.num_workers=2", "train.batch_size=2", *steps)
+    result = train.fit(two)
+    assert result.error is None
+    log = rows(tmp_path / "two/metrics.csv")
+    assert [float(r["lora_divergence"]) for r in log] == [0.0, 0.0, 0.0]  # both workers hold the same LoRA
+
+    one = cfg_for(tmp_path / "one", "train.num_workers=1", "train.batch_size=4", *steps)
+    train.run_training(one)  # one worker, the union of both workers' batches
+    a = load_file(tmp_path / "two/lora" / models.LORA_WEIGHT_NAME)
+    b = load_file(tmp_path / "one/lora" / models.LORA_WEIGHT_NAME)
+    assert a.keys() == b.keys()
+    moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k or "lora.up" in k)
+    assert moved > 1e-3  # training did change the LoRA
+    for k in a:  # 5e-5 is 0.5 % of one step's largest update (lr = 1e-2); measured 1.2e-5
+        assert torch.allclose(a[k], b[k], atol=5e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
+    for r1, r2 in zip(log, rows(tmp_path / "one/metrics.csv")):
+        assert float(r1["reward_mean"]) == pytest.approx(float(r2["reward_mean"]), abs=1e-5)
+
+
+def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
+    """Same batch, in-process vs a reward actor: equal loss and LoRA gradient (rtol 1e-5)."""
+    cfg = cfg_for(tmp_path, "rewards=[{name: symmetry, weight: 1.0}, {name: brightness, weight: 0.5}]",
+                  "loss.kind=hinge", "loss.margin=1.0", "reward_server.mode=remote", "reward_server.replicas=2")
+    actors = serving.start_reward_servers(cfg)
+    try:
+        local = train.Worker(cfg, torch.device("cpu"))
+        remote = train.Worker(cfg, torch.device("cpu"), reward_actors=actors)
+        s_local, _, _ = local.forward_backward(0)
+        s_remote, _, _ = remote.forward_backward(0)
+        assert torch.allclose(s_local, s_remote, rtol=1e-5, atol=1e-7)  # loss, reward, components
+        g_local = torch.cat([p.grad.flatten() for p in local.params])
+        g_remote = torch.cat([p.grad.flatten() for p in remote.params])
+        assert g_local.abs().max() > 0
+        assert torch.allclose(g_local, g_remote, rtol=1e-5, atol=1e-9)
+    finally:
+        for a in actors:
+            ray_session.kill(a)
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session):
+    cfg = cfg_for(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
+                  "train.max_failures=1", "train.fail_at_step=3")
+    result = train.fit(cfg)
+    assert result.error is None
+    assert (tmp_path / ".fault-injected-at-step-3").exists()  # the worker did die
+    assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
+    assert train.read_checkpoint(result.checkpoint.path).step == 6
+
+
+def test_a_killed_reward_actor_is_restarted_and_training_finishes(tmp_path, ray_session):
+    cfg = cfg_for(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote",
+                  "reward_server.fail_after_calls=2")
+    result = train.fit(cfg)
+    assert result.error is None
+    assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3]
+    (state,) = json.loads((tmp_path / "reward_servers.json").read_text())
+    assert state["restarted"] is True  # it died after 2 calls, came back, served the rest
+
+
+def test_remote_mode_rejects_unplaceable_reward_servers_at_validation():
+    with pytest.raises(config.ConfigError, match="reward_server.replicas: 0 is not allowed"):
+        config.from_dict({}, ["reward_server.mode=remote", "reward_server.replicas=0"])
+    with pytest.raises(config.ConfigError, match="reward_server.mode: 'grpc' is unknown; allowed: local, remote"):
+        config.from_dict({}, ["reward_server.mode=grpc"])
+    with pytest.raises(config.ConfigError, match="reward_server.resources"):
+        config.from_dict({}, ["reward_server.resources={reward_host: -1}"])
+    with pytest.raises(config.ConfigError, match=r"train.fail_at_step: 9 is outside \[0, train.steps=5\)"):
+        config.from_dict({}, ["train.steps=5", "train.fail_at_step=9"])
