@@ -371,12 +371,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def init_ray() -> None:
-    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+def init_ray() -> bool:
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+    Returns True when this process started a fixed-size local Ray."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, log_to_driver=True)
+    return not address
+
+
+def resources_needed(cfg) -> dict[str, float]:
+    """What the run asks of the cluster: Ray Train workers (1 CPU, and 1 GPU with use_gpu, each)
+    plus the reward actors."""
+    t, rs = cfg.train, cfg.reward_server
+    need = {"CPU": float(t.num_workers), "GPU": float(t.num_workers if t.use_gpu else 0)}
+    if rs.mode == "remote":
+        need["CPU"] += rs.replicas * rs.num_cpus
+        need["GPU"] += rs.replicas * rs.num_gpus
+        for k, v in rs.resources.items():
+            need[k] = need.get(k, 0.0) + rs.replicas * v
+    return {k: v for k, v in need.items() if v > 0}
+
+
+def check_resources(cfg, have: dict[str, float], fixed: bool) -> None:
+    """A clear error (fixed-size cluster) or warning (autoscaling may add nodes) when the run asks
+    for more than the cluster has; otherwise the trainer would wait forever."""
+    short = {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    text = "; ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
+    hint = ("train.num_workers x (1 CPU, +1 GPU with train.use_gpu) + reward_server.replicas x "
+            "(reward_server.num_cpus, num_gpus, resources)")
+    if fixed:
+        raise config_mod.ConfigError([f"resources: {text}. The run asks for {hint}"])
+    print(f"[rayreward] waiting for the autoscaler: {text}", flush=True)
 
 
 def fit(cfg: config_mod.Config):
@@ -394,7 +425,8 @@ def fit(cfg: config_mod.Config):
     config_mod.dump(cfg, out / "config.yaml")
     if cfg.model.name in config_mod.TINY_MODELS:
         models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
-    init_ray()
+    fixed = init_ray()
+    check_resources(cfg, ray.cluster_resources(), fixed)
     actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
     env = dict(WORKER_ENV, **{k: os.environ[k] for k in ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ})
     trainer = TorchTrainer(

@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from ray.autoscaler._private.util import validate_config
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cluster_yaml_validates_against_rays_schema():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    validate_config(cfg)  # raises jsonschema.ValidationError on a bad field
+    validate_config(prepare_config(cfg))  # what `ray up` does: merge the provider defaults, validate
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     assert types["train_gpu"]["resources"]["GPU"] >= 1
@@ -24,4 +24,4 @@ def test_the_schema_check_does_catch_a_bad_config():
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     cfg["available_node_types"]["reward_host"]["resources"]["reward_host"] = "one"
     with pytest.raises(Exception, match="one"):
-        validate_config(cfg)
+        validate_config(prepare_config(cfg))

@@ -96,3 +96,16 @@ def test_remote_mode_rejects_unplaceable_reward_servers_at_validation():
         config.from_dict({}, ["reward_server.resources={reward_host: -1}"])
     with pytest.raises(config.ConfigError, match=r"train.fail_at_step: 9 is outside \[0, train.steps=5\)"):
         config.from_dict({}, ["train.steps=5", "train.fail_at_step=9"])
+
+
+def test_more_resources_than_a_fixed_cluster_has_is_a_clear_error():
+    cfg = config.from_dict({}, ["train.num_workers=3", "reward_server.mode=remote", "reward_server.num_gpus=1",
+                                "reward_server.resources={reward_host: 1}"])
+    assert train.resources_needed(cfg) == {"CPU": 4.0, "GPU": 1.0, "reward_host": 1.0}
+    with pytest.raises(config.ConfigError) as e:
+        train.check_resources(cfg, {"CPU": 2.0}, fixed=True)
+    msg = str(e.value)
+    assert "CPU: needs 4, the cluster has 2" in msg and "GPU: needs 1, the cluster has 0" in msg
+    assert "reward_host: needs 1, the cluster has 0" in msg
+    train.check_resources(cfg, {"CPU": 2.0}, fixed=False)  # an autoscaling cluster: a warning only
+    train.check_resources(cfg, {"CPU": 8.0, "GPU": 1.0, "reward_host": 1.0}, fixed=True)

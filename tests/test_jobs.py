@@ -34,7 +34,10 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--temp-dir={temp}", "--disable-usage-stats",
+         # the session's own local Ray may be up too: give every agent a port of its own
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -67,12 +70,16 @@ def ray_head():
 def test_ray_job_submit_runs_the_quickstart(ray_head, tmp_path):
     url, env = ray_head
     out = tmp_path / "job-out"
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-         "rayreward", "train", "--config", "experiments/quickstart.yaml", "--set", "train.steps=3",
-         "--set", "sampling.num_steps=4", "--set", "method.early_stop_m=2", "--set", f"output_dir={out}"],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = proc.stdout + proc.stderr
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+           "rayreward", "train", "--config", "experiments/quickstart.yaml", "--set", "train.steps=3",
+           "--set", "sampling.num_steps=4", "--set", "method.early_stop_m=2", "--set", f"output_dir={out}"]
+    deadline = time.monotonic() + 90
+    while True:  # the job agent can come up after the dashboard; Ray says "try again later"
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if "No available agent" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, log[-3000:]
     assert "succeeded" in log
     assert "step 3/3" in log
