@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import io
 import os
-import statistics
 import sys
 import tempfile
 import time

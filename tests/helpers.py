@@ -1,6 +1,26 @@
-"""User-style rewards for tests, loaded by 'helpers:name' (tests/ is on the path)."""
+"""Shared test helpers, and user-style rewards loaded by 'helpers:name' (tests/ is on the path)."""
+
+import csv
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(path: Path) -> list[dict]:
+    """metrics.csv as a list of dicts."""
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def quick_cfg(out: Path, *overrides: str):
+    """The quickstart shrunk for tests: T = 4, 2 steps of batch 2, one grid cell."""
+    from rayreward import config
+
+    return config.load(ROOT / "experiments/quickstart.yaml",
+                       [f"output_dir={out}", "train.steps=2", "train.batch_size=2", "sampling.num_steps=4",
+                        "method.early_stop_m=2", "grid.seeds=[0]", "grid.prompts=[a cat]", *overrides])
 
 
 def mean_red(device="cpu", scale: float = 1.0):

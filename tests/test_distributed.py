@@ -1,8 +1,6 @@
 """Data parallelism, remote rewards and fault tolerance on a local multi-process Ray (CPU, gloo)."""
 
-import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,31 +8,20 @@ from safetensors.torch import load_file
 
 from rayreward import config, models, serving, train
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def cfg_for(out: Path, *overrides: str) -> config.Config:
-    return config.load(ROOT / "experiments/quickstart.yaml",
-                       [f"output_dir={out}", "sampling.num_steps=4", "method.early_stop_m=2", "grid.seeds=[0]",
-                        "grid.prompts=[a cat]", *overrides])
+from helpers import quick_cfg, rows
 
 
 def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ray_session):
     # AdamW's first update is ~lr * sign(g): a gradient at float-noise level (1e-10) could flip
     # sign between the two summation orders; eps=1e-6 keeps such noise from being amplified
     steps = ["train.steps=3", "train.checkpoint_every=1", "optim.eps=1e-6"]
-    two = cfg_for(tmp_path / "two", "train.num_workers=2", "train.batch_size=2", *steps)
+    two = quick_cfg(tmp_path / "two", "train.num_workers=2", "train.batch_size=2", *steps)
     result = train.fit(two)
     assert result.error is None
     log = rows(tmp_path / "two/metrics.csv")
     assert [float(r["lora_divergence"]) for r in log] == [0.0, 0.0, 0.0]  # both workers hold the same LoRA
 
-    one = cfg_for(tmp_path / "one", "train.num_workers=1", "train.batch_size=4", *steps)
+    one = quick_cfg(tmp_path / "one", "train.num_workers=1", "train.batch_size=4", *steps)
     train.run_training(one)  # one worker, the union of both workers' batches
     a = load_file(tmp_path / "two/lora" / models.LORA_WEIGHT_NAME)
     b = load_file(tmp_path / "one/lora" / models.LORA_WEIGHT_NAME)
@@ -49,7 +36,7 @@ def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ra
 
 def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
     """Same batch, in-process vs a reward actor: equal loss and LoRA gradient (rtol 1e-5)."""
-    cfg = cfg_for(tmp_path, "rewards=[{name: symmetry, weight: 1.0}, {name: brightness, weight: 0.5}]",
+    cfg = quick_cfg(tmp_path, "rewards=[{name: symmetry, weight: 1.0}, {name: brightness, weight: 0.5}]",
                   "loss.kind=hinge", "loss.margin=1.0", "reward_server.mode=remote", "reward_server.replicas=2")
     actors = serving.start_reward_servers(cfg)
     try:
@@ -68,7 +55,7 @@ def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
 
 
 def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session):
-    cfg = cfg_for(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
+    cfg = quick_cfg(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
                   "train.max_failures=1", "train.fail_at_step=3")
     result = train.fit(cfg)
     assert result.error is None
@@ -78,7 +65,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session)
 
 
 def test_a_killed_reward_actor_is_restarted_and_training_finishes(tmp_path, ray_session):
-    cfg = cfg_for(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote",
+    cfg = quick_cfg(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote",
                   "reward_server.fail_after_calls=2")
     result = train.fit(cfg)
     assert result.error is None

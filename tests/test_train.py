@@ -1,6 +1,5 @@
 """The training loop in-process (every method, both flavours) and through Ray Train (resume)."""
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -11,18 +10,7 @@ import torch
 from rayreward import config, models, train
 from rayreward.config import LossConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
-def tiny_cfg(out: Path, *overrides: str) -> config.Config:
-    return config.load(ROOT / "experiments/quickstart.yaml",
-                       [f"output_dir={out}", "train.steps=2", "train.batch_size=2", "sampling.num_steps=4",
-                        "method.early_stop_m=2", "grid.seeds=[0]", *overrides])
+from helpers import ROOT, quick_cfg, rows
 
 
 def test_guarded_step_skips_non_finite_and_leaves_lora_untouched():
@@ -47,7 +35,7 @@ def test_reward_loss_forms():
 @pytest.mark.parametrize("method,trained", [("drtune", {1, 2}), ("draft", {4}), ("draft_k", {2}), ("draft_lv", {1}),
                                             ("refl", {1}), ("alignprop", {1, 2, 3, 4})])
 def test_every_method_trains_on_both_flavours(tmp_path, model, method, trained):
-    cfg = tiny_cfg(tmp_path, f"model.name={model}", f"method.name={method}", "method.refl_window=[1, 2]")
+    cfg = quick_cfg(tmp_path, f"model.name={model}", f"method.name={method}", "method.refl_window=[1, 2]")
     last = train.run_training(cfg)
     log = rows(tmp_path / "metrics.csv")
     assert [int(r["step"]) for r in log] == [0, 1]
@@ -58,7 +46,7 @@ def test_every_method_trains_on_both_flavours(tmp_path, model, method, trained):
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
-    cfg = tiny_cfg(tmp_path, "train.steps=3", "rewards=[{name: 'helpers:nan_on_step', args: {bad_calls: [1]}}]")
+    cfg = quick_cfg(tmp_path, "train.steps=3", "rewards=[{name: 'helpers:nan_on_step', args: {bad_calls: [1]}}]")
     last = train.run_training(cfg)
     log = rows(tmp_path / "metrics.csv")
     assert [int(r["stepped"]) for r in log] == [1, 0, 1]
@@ -76,7 +64,7 @@ def test_quickstart_reward_rises(tmp_path):
 
 def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
     out = tmp_path / "run"
-    cfg = tiny_cfg(out, "train.steps=3", "train.checkpoint_every=2")
+    cfg = quick_cfg(out, "train.steps=3", "train.checkpoint_every=2")
     result = train.fit(cfg)
     assert result.error is None
     ckpt = Path(result.checkpoint.path)
@@ -86,7 +74,7 @@ def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
     assert [int(r["step"]) for r in rows(out / "metrics.csv")] == [0, 1, 2]
 
     # the same run name and storage path with more steps: resumes at step 3, no step repeated
-    cfg = tiny_cfg(out, "train.steps=5", "train.checkpoint_every=2")
+    cfg = quick_cfg(out, "train.steps=5", "train.checkpoint_every=2")
     result = train.fit(cfg)
     assert result.error is None
     assert [int(r["step"]) for r in rows(out / "metrics.csv")] == [0, 1, 2, 3, 4]
@@ -95,11 +83,11 @@ def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """All randomness of a step comes from (seed, step, rank): 2 steps + resume + 2 steps == 4 steps."""
-    train.run_training(tiny_cfg(tmp_path / "full", "train.steps=4"))
+    train.run_training(quick_cfg(tmp_path / "full", "train.steps=4"))
     saved = {}
-    train.run_training(tiny_cfg(tmp_path / "part", "train.steps=2"),
+    train.run_training(quick_cfg(tmp_path / "part", "train.steps=2"),
                        report=lambda row, folder: folder and saved.update(dir=folder))
-    train.run_training(tiny_cfg(tmp_path / "part", "train.steps=4"), resume=train.read_checkpoint(saved["dir"]))
+    train.run_training(quick_cfg(tmp_path / "part", "train.steps=4"), resume=train.read_checkpoint(saved["dir"]))
     full, part = rows(tmp_path / "full/metrics.csv"), rows(tmp_path / "part/metrics.csv")
     assert [int(r["step"]) for r in part] == [0, 1, 2, 3]
     for a, b in zip(full, part):
