@@ -10,8 +10,9 @@ from pathlib import Path
 def _usage_errors() -> tuple[type[BaseException], ...]:
     from rayreward.config import ConfigError
     from rayreward.models import ModelLoadError
+    from rayreward.reward_models import RewardLoadError
 
-    return (ConfigError, ModelLoadError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, RewardLoadError, FileNotFoundError)
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:

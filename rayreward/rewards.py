@@ -9,6 +9,7 @@ tensor in [0, 1] of shape (B, 3, H, W), and the result is differentiable with re
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -53,9 +54,10 @@ def build_reward(name: str, device: str | torch.device = "cpu", **args) -> Rewar
     else:
         raise KeyError(f"reward {name!r} is unknown; allowed: {', '.join(sorted(REGISTRY))} or 'module:function'")
     try:
-        return factory(device=device, **args)
+        inspect.signature(factory).bind(device=device, **args)
     except TypeError as e:
         raise ValueError(f"reward {name!r}: bad args {args}: {e}") from None
+    return factory(device=device, **args)
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:
@@ -157,3 +159,6 @@ def reward_and_loss(reward: CompositeReward, loss_cfg, images: torch.Tensor, pro
     mean = lambda v: v.view(copies, -1).mean(0)  # noqa: E731
     r = mean(total)
     return reward_loss(r, loss_cfg).mean(), r, {k: mean(v) for k, v in parts.items()}
+
+
+from rayreward import reward_models  # noqa: E402,F401  (registers pickscore, clipscore, aesthetic)

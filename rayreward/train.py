@@ -425,6 +425,10 @@ def fit(cfg: config_mod.Config):
     config_mod.dump(cfg, out / "config.yaml")
     if cfg.model.name in config_mod.TINY_MODELS:
         models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
+    if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
+        from rayreward.reward_models import tiny_clip_dir
+
+        tiny_clip_dir()
     fixed = init_ray()
     check_resources(cfg, ray.cluster_resources(), fixed)
     actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None

@@ -1,0 +1,227 @@
+"""Model rewards built on transformers' CLIP: PickScore, CLIPScore, LAION aesthetic.
+
+Each is frozen (eval mode, requires_grad False) on a configured device and dtype, and
+preprocesses with torch ops only (resize of the shortest edge, bicubic with antialias as
+CLIPImageProcessor's PIL path does; center crop; the model's own mean/std), so the score is
+differentiable in the images. Weights come from a hub id or a local folder/file given in the
+reward's `args`; with no network a clear error names what is missing and the key to set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rayreward.rewards import register_reward
+
+CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
+CLIP_L14 = "openai/clip-vit-large-patch14"
+TINY_CLIP_VERSION = 1
+
+
+def tiny_clip_dir(seed: int = 0) -> Path:
+    """A random-initialised tiny CLIPModel + tokenizer + image processor folder, built offline once
+    in the cache: `model: tiny` in a CLIP reward's args (CPU quickstarts, tests)."""
+    import os
+    import shutil
+    import tempfile
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from rayreward.models import _tiny_tokenizer, cache_dir
+
+    target = cache_dir() / f"tiny-clip-seed{seed}-v{TINY_CLIP_VERSION}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = _tiny_tokenizer(tmp / "tok")
+        text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                    vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                      image_size=32, patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model.save_pretrained(tmp, is_main_process=True)
+    tok.save_pretrained(tmp)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)
+    shutil.rmtree(tmp / "tok")
+    if not any(tmp.glob("*.safetensors")):  # transformers writes weights on distributed rank 0 only
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RewardLoadError("tiny CLIP: build it outside a distributed worker group first (the driver does)")
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _source(name: str | None) -> str | None:
+    return str(tiny_clip_dir()) if name == "tiny" else name
+
+
+class RewardLoadError(RuntimeError):
+    """A reward model could not be loaded; the message names the source and the config key."""
+
+
+def _load(what: str, fn, source: str, key: str):
+    try:
+        return fn(source)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RewardLoadError(
+            f"reward {what}: cannot load {source!r} ({first}). Set rewards[].args.{key} to a local folder or "
+            "file holding it, or make the hub reachable (unset HF_HUB_OFFLINE) to download it once."
+        ) from None
+
+
+def _field(size, key: str) -> int:
+    """An image processor's size: an int, a dict, or (transformers 5) a SizeDict."""
+    if isinstance(size, int):
+        return size
+    value = size[key] if isinstance(size, dict) else getattr(size, key)
+    return int(value)
+
+
+def _features(out) -> torch.Tensor:
+    """get_image/text_features: a tensor in transformers 4, a ModelOutput in 5."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Differentiable CLIPImageProcessor. Shape: (b, 3, h, w) in [0, 1] -> (b, 3, crop, crop)."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    x = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
+                      antialias=True, align_corners=False)
+    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+    x = x[..., top:top + crop, left:left + crop]
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class ClipScorer(torch.nn.Module):
+    """A frozen CLIPModel with its processor's preprocessing and tokenizer."""
+
+    def __init__(self, model: str, processor: str | None, device, dtype: torch.dtype, what: str):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        model, processor = _source(model), _source(processor or model)
+        self.model = _load(what, lambda s: CLIPModel.from_pretrained(s, dtype=dtype), model, "model")
+        ip = _load(what, CLIPImageProcessor.from_pretrained, processor, "processor")
+        self.tokenizer = _load(what, AutoTokenizer.from_pretrained, processor, "processor")
+        self.size = _field(ip.size, "shortest_edge")
+        self.crop = _field(ip.crop_size, "height")
+        self.mean, self.std = list(ip.image_mean), list(ip.image_std)
+        self.model.eval().requires_grad_(False).to(device)
+        self.device, self.dtype = torch.device(device), dtype
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embeddings. Shape: (b, 3, h, w) -> (b, d)."""
+        x = images.to(self.device, torch.promote_types(images.dtype, torch.float32))
+        x = clip_preprocess(x, self.size, self.crop, self.mean, self.std)
+        e = _features(self.model.get_image_features(pixel_values=x.to(self.dtype)))
+        e = e.to(torch.promote_types(e.dtype, torch.float32))
+        return e / e.norm(dim=-1, keepdim=True)
+
+    def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            e = _features(self.model.get_text_features(**tok))
+            e = e.to(torch.promote_types(e.dtype, torch.float32))
+        return e / e.norm(dim=-1, keepdim=True)
+
+
+def _dtype(name: str) -> torch.dtype:
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in allowed:
+        raise ValueError(f"dtype {name!r} is unknown; allowed: {', '.join(allowed)}")
+    return allowed[name]
+
+
+@register_reward("pickscore")
+def pickscore(device="cpu", model: str = "yuvalkirstain/PickScore_v1", processor: str = CLIP_H14,
+              dtype: str = "float32"):
+    """PickScore: logit_scale.exp() * cos(text, image) of the PickScore_v1 CLIP-H/14."""
+    scorer = ClipScorer(model, processor, device, _dtype(dtype), "pickscore")
+
+    def reward(images, prompts):
+        img, txt = scorer.image_embeds(images), scorer.text_embeds(prompts)
+        return scorer.model.logit_scale.exp() * (img * txt.to(img.dtype)).sum(-1)
+
+    reward.scorer = scorer
+    return reward
+
+
+@register_reward("clipscore")
+def clipscore(device="cpu", model: str = CLIP_L14, processor: str | None = None, weight: float = 2.5,
+              dtype: str = "float32"):
+    """CLIPScore (Hessel et al.): weight * max(cos(text, image), 0)."""
+    scorer = ClipScorer(model, processor, device, _dtype(dtype), "clipscore")
+
+    def reward(images, prompts):
+        img = scorer.image_embeds(images)
+        return weight * (img * scorer.text_embeds(prompts).to(img.dtype)).sum(-1).clamp(min=0)
+
+    reward.scorer = scorer
+    return reward
+
+
+class AestheticMLP(torch.nn.Module):
+    """The LAION improved-aesthetic-predictor head (`sac+logos+ava1-l14-linearMSE.pth` layout)."""
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(dim, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+            torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def load_aesthetic_head(path: str | Path, dim: int) -> AestheticMLP:
+    """The MLP from a .pth / .safetensors state dict, without running pickled code."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RewardLoadError(f"reward aesthetic: head {str(path)!r} does not exist. Set rewards[].args.head to the "
+                              "local sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise RewardLoadError(f"reward aesthetic: head {str(path)!r} is not a readable state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    head = AestheticMLP(dim)
+    try:
+        head.load_state_dict(state)
+    except (RuntimeError, AttributeError, TypeError) as e:
+        raise RewardLoadError(f"reward aesthetic: head {str(path)!r} is not in the LAION MLP layout "
+                              f"(layers.0 ... layers.7 for a {dim}-d embedding): {str(e).splitlines()[0]}") from None
+    return head
+
+
+@register_reward("aesthetic")
+def aesthetic(device="cpu", head: str = "sac+logos+ava1-l14-linearMSE.pth", model: str = CLIP_L14,
+              processor: str | None = None, dtype: str = "float32"):
+    """LAION aesthetic score: MLP(normalised CLIP ViT-L/14 image embedding)."""
+    scorer = ClipScorer(model, processor, device, _dtype(dtype), "aesthetic")
+    mlp = load_aesthetic_head(head, scorer.model.config.projection_dim).eval().requires_grad_(False).to(device)
+
+    def reward(images, prompts):
+        img = scorer.image_embeds(images)
+        return mlp.to(img.dtype)(img).squeeze(-1)
+
+    reward.scorer, reward.head = scorer, mlp
+    return reward
