@@ -58,6 +58,70 @@ def cmd_sample(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _score_inputs(images_dir: str, prompts_file: str | None) -> tuple[list[Path], list[str]]:
+    """Sorted image files and one prompt per image (a single line applies to all)."""
+    from rayreward.config import ConfigError
+
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise ConfigError([f"--images: {images_dir!r} is not a folder"])
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ConfigError([f"--images: {images_dir!r} holds no image ({', '.join(IMAGE_SUFFIXES)})"])
+    if prompts_file is None:
+        return files, [""] * len(files)
+    pf = Path(prompts_file)
+    if not pf.is_file():
+        raise ConfigError([f"--prompts: {prompts_file!r} does not exist"])
+    prompts = [ln.strip() for ln in pf.read_text().splitlines() if ln.strip()]
+    if len(prompts) == 1:
+        prompts = prompts * len(files)
+    if len(prompts) != len(files):
+        raise ConfigError([f"--prompts: {prompts_file!r} has {len(prompts)} prompts for {len(files)} images; "
+                           "give one a line, in the images' sorted order, or a single line for all"])
+    return files, prompts
+
+
+def cmd_score(args) -> int:
+    import numpy as np
+    import pandas as pd
+    import torch
+    import yaml
+    from PIL import Image
+
+    from rayreward.config import ConfigError, RewardSpec
+    from rayreward.rewards import build_composite
+
+    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    extra: dict[str, dict] = {n: {} for n in names}
+    for a in args.arg:
+        key, _, value = a.partition("=")
+        name, _, field = key.partition(".")
+        if name not in extra or not field or not _:
+            raise ConfigError([f"--arg {a!r}: expected REWARD.KEY=VALUE with REWARD one of {', '.join(names)}"])
+        extra[name][field] = yaml.safe_load(value)
+    from rayreward.config import from_dict
+
+    from_dict({"rewards": [{"name": n, "args": extra[n]} for n in names]})  # same validation as training
+    files, prompts = _score_inputs(args.images, args.prompts)
+    reward = build_composite([RewardSpec(n, 1.0, extra[n]) for n in names], device=args.device)
+    rows = []
+    for f, prompt in zip(files, prompts):
+        img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            _, parts = reward(img.to(args.device), [prompt])
+        rows.append({"image": f.name, "prompt": prompt, **{k: float(v[0]) for k, v in parts.items()}})
+    df = pd.DataFrame(rows)
+    out = Path(args.out or Path(args.images) / "scores.csv")
+    df.to_csv(out, index=False)
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"[rayreward] wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayreward", description="Tune diffusion LoRAs on differentiable rewards, on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", nargs="+", type=int, default=[], help="grid columns")
     s.add_argument("--out", default="grid.png")
     s.set_defaults(fn=cmd_sample)
+
+    c = sub.add_parser("score", help="score a folder of images with rewards (the training code path); CSV out")
+    c.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. pickscore,symmetry")
+    c.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE",
+                   help="a reward argument, e.g. pickscore.model=/models/PickScore_v1")
+    c.add_argument("--images", required=True, help="folder of .png/.jpg images (sorted by name)")
+    c.add_argument("--prompts", default=None, help="text file: one prompt a line, in image order (or one line for all)")
+    c.add_argument("--out", default=None, help="CSV path (default: IMAGES/scores.csv)")
+    c.add_argument("--device", default="cpu")
+    c.set_defaults(fn=cmd_score)
     return p
 
 

@@ -55,3 +55,55 @@ def test_user_reward_from_module_path():
         rewards.build_reward("helpers:no_such_fn")
     with pytest.raises(ValueError, match="bad args"):
         rewards.build_reward("symmetry", strength=3)
+
+
+def _write_images(folder, n=3):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray((g.random((16, 16, 3)) * 255).astype("uint8")).save(folder / f"img{i}.png")
+
+
+def test_score_cli_writes_the_same_scores_as_the_reward(tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    _write_images(tmp_path / "imgs")
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\na car\n")
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "score", "--rewards", "symmetry,brightness",
+                           "--arg", "brightness.target=0.5", "--images", str(tmp_path / "imgs"),
+                           "--prompts", str(tmp_path / "prompts.txt")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(tmp_path / "imgs/scores.csv")
+    assert list(df.columns) == ["image", "prompt", "symmetry", "brightness"] and list(df.prompt) == ["a cat", "a dog", "a car"]
+    img = torch.from_numpy(np.asarray(Image.open(tmp_path / "imgs/img1.png"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    assert df.symmetry[1] == pytest.approx(float(rewards.build_reward("symmetry")(img, [""])[0]), abs=1e-6)
+    assert df.brightness[1] == pytest.approx(float(rewards.build_reward("brightness", target=0.5)(img, [""])[0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--rewards", "hpsv9"], "rewards[0].name: 'hpsv9' is unknown"),
+    (["--rewards", "symmetry", "--arg", "nope.x=1"], "expected REWARD.KEY=VALUE"),
+    (["--rewards", "symmetry", "--prompts", "PROMPTS2"], "has 2 prompts for 3 images"),
+    (["--rewards", "symmetry", "--images", "EMPTY"], "holds no image"),
+])
+def test_score_cli_bad_inputs(tmp_path, argv, needle):
+    import subprocess
+    import sys
+
+    _write_images(tmp_path / "imgs")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "p2.txt").write_text("a\nb\n")
+    argv = [a.replace("PROMPTS2", str(tmp_path / "p2.txt")).replace("EMPTY", str(tmp_path / "empty")) for a in argv]
+    if "--images" not in argv:
+        argv += ["--images", str(tmp_path / "imgs")]
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "score", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
