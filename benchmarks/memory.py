@@ -22,7 +22,7 @@ import torch
 
 from rayreward import config, models, sampling
 from rayreward.rewards import build_composite
-from rayreward.train import reward_loss
+from rayreward.rewards import reward_and_loss
 
 METHODS = ["drtune", "draft", "draft_k", "draft_lv", "refl", "alignprop"]
 
@@ -68,8 +68,7 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
         res = sampling.sample(models.make_denoiser(c.unet, cond, cfg.sampling.guidance_scale), schedule, x_T, plan,
                               generator=g, gradient_checkpointing=checkpointing)
         images = models.decode(c.vae, res.latents)
-        total, _ = reward(images, prompts * res.copies)
-        loss = reward_loss(res.copy_mean(total), cfg.loss).mean()
+        loss, _, _ = reward_and_loss(reward, cfg.loss, images, prompts, res.copies)
     loss.backward()
     seconds = time.perf_counter() - t0
     for p in params:

@@ -2,8 +2,9 @@
 
 Each step: pick prompts and x_T -> draw the method's step plan -> sample (gradient only where the
 plan says) -> decode -> reward -> loss -> backward -> clip -> guarded AdamW step -> log ->
-checkpoint. All randomness of step s on rank r comes from a generator seeded by (seed, s, r), so a
-resumed run draws exactly what the uninterrupted run would have.
+checkpoint. A sample's prompt and noise depend only on (seed, step, global sample index) and the
+step plan on (seed, step), so a resumed run draws exactly what the uninterrupted run would have,
+and N workers x B samples compute what 1 worker x N*B samples does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from rayreward import config as config_mod
 from rayreward import evaluate, models, sampling
-from rayreward.rewards import build_composite, reward_and_loss, reward_loss  # noqa: F401 (re-export)
+from rayreward.rewards import build_composite, reward_and_loss
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"

@@ -9,6 +9,7 @@ import torch
 
 from rayreward import config, models, train
 from rayreward.config import LossConfig
+from rayreward.rewards import reward_loss
 
 from helpers import ROOT, quick_cfg, rows
 
@@ -26,9 +27,9 @@ def test_guarded_step_skips_non_finite_and_leaves_lora_untouched():
 
 def test_reward_loss_forms():
     r = torch.tensor([1.0, 3.0])
-    assert torch.equal(train.reward_loss(r, LossConfig("linear", scale=2.0)), torch.tensor([-2.0, -6.0]))
-    assert torch.equal(train.reward_loss(r, LossConfig("hinge", margin=2.0)), torch.tensor([1.0, 0.0]))
-    assert torch.equal(train.reward_loss(r, LossConfig("absolute", margin=2.0)), torch.tensor([1.0, 1.0]))
+    assert torch.equal(reward_loss(r, LossConfig("linear", scale=2.0)), torch.tensor([-2.0, -6.0]))
+    assert torch.equal(reward_loss(r, LossConfig("hinge", margin=2.0)), torch.tensor([1.0, 0.0]))
+    assert torch.equal(reward_loss(r, LossConfig("absolute", margin=2.0)), torch.tensor([1.0, 1.0]))
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
