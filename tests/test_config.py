@@ -53,6 +53,10 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
     (["method.k=two"], "method.k: expected an integer, got 'two'"),
     (["rewards.0.weight=heavy"], "rewards[0].weight: expected a number, got 'heavy'"),
     (["prompts=[]"], "prompts: empty"),
+    (["optim.eps=0"], "optim.eps: 0.0 is not allowed; need > 0"),
+    (["train.max_failures=-2"], "train.max_failures: -2 is not allowed"),
+    (["reward_server.num_cpus=-1"], "reward_server.num_cpus: -1.0 is negative"),
+    (["reward_server.max_restarts=-5"], "reward_server.max_restarts: -5 is not allowed"),
     (["prompt_file=/no/such/prompts.txt"], "prompt_file: '/no/such/prompts.txt' does not exist"),
 ])
 def test_bad_values_are_named_with_value_and_allowed(overrides, needle):
@@ -100,3 +104,9 @@ def test_cli_rejects_bad_config_with_exit_2_and_no_traceback(tmp_path):
     assert "lora.rank: -1 is not allowed" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()  # rejected before anything was created
+
+
+def test_sample_cli_rejects_a_scale_that_is_not_a_number(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--lora", f"{tmp_path}:strong"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the scale after ':' must be a number" in proc.stderr
