@@ -57,8 +57,7 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
     B = cfg.train.batch_size
     g = torch.Generator().manual_seed(1234)  # the same draws for every method and T
     plan = sampling.make_plan(cfg.method, T, B, g)
-    prompts = ["a cat", "a dog", "a car", "a tree"][:B] * (B // 4 + 1)
-    prompts = prompts[:B]
+    prompts = [("a cat", "a dog", "a car", "a tree")[i % 4] for i in range(B)]
     cond = models.encode_prompts(c, prompts, "", cfg.model.resolution, "cpu")
     schedule = sampling.Schedule.from_scheduler(c.scheduler, T)
     x_T = torch.randn((B, 4, cfg.model.resolution // c.vae_scale_factor, cfg.model.resolution // c.vae_scale_factor), generator=g)

@@ -92,7 +92,7 @@ def cmd_score(args) -> int:
     import yaml
     from PIL import Image
 
-    from rayreward.config import ConfigError, RewardSpec
+    from rayreward.config import ConfigError, RewardSpec, from_dict
     from rayreward.rewards import build_composite
 
     names = [n.strip() for n in args.rewards.split(",") if n.strip()]
@@ -103,8 +103,6 @@ def cmd_score(args) -> int:
         if name not in extra or not field or not _:
             raise ConfigError([f"--arg {a!r}: expected REWARD.KEY=VALUE with REWARD one of {', '.join(names)}"])
         extra[name][field] = yaml.safe_load(value)
-    from rayreward.config import from_dict
-
     from_dict({"rewards": [{"name": n, "args": extra[n]} for n in names]})  # same validation as training
     files, prompts = _score_inputs(args.images, args.prompts)
     reward = build_composite([RewardSpec(n, 1.0, extra[n]) for n in names], device=args.device)

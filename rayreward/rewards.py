@@ -155,10 +155,11 @@ def reward_and_loss(reward: CompositeReward, loss_cfg, images: torch.Tensor, pro
 
     Shape: images (copies * b, 3, h, w) -> loss (), reward (b,), components {name: (b,)}; the
     rewards of the `copies` images of one sample (DRaFT-LV) are averaged first."""
+    from rayreward.sampling import copy_mean
+
     total, parts = reward(images, list(prompts) * copies)
-    mean = lambda v: v.view(copies, -1).mean(0)  # noqa: E731
-    r = mean(total)
-    return reward_loss(r, loss_cfg).mean(), r, {k: mean(v) for k, v in parts.items()}
+    r = copy_mean(total, copies)
+    return reward_loss(r, loss_cfg).mean(), r, {k: copy_mean(v, copies) for k, v in parts.items()}
 
 
 from rayreward import reward_models  # noqa: E402,F401  (registers pickscore, clipscore, aesthetic)

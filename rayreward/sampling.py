@@ -85,7 +85,12 @@ class SampleResult:
 
     def copy_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average a per-image quantity over the copies. Shape: (n * b,) -> (b,)."""
-        return values.view(self.copies, -1).mean(0)
+        return copy_mean(values, self.copies)
+
+
+def copy_mean(values: torch.Tensor, copies: int) -> torch.Tensor:
+    """Average over DRaFT-LV copies laid out as [copy 0 of all samples, copy 1, ...]. Shape: (n * b,) -> (b,)."""
+    return values.view(copies, -1).mean(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,15 +219,15 @@ def sample(
 
     x = x_T
     last = plan.stop or plan.num_steps
+    grad_from = None if plan.sample_grad_from is None else torch.tensor(plan.sample_grad_from, device=x_T.device)
     for n in range(1, last + 1):
         t, abar, abar_prev = schedule.timesteps[n - 1], schedule.abar[n - 1], schedule.abar_prev[n - 1]
         # 1. the denoiser at x_t: with gradient on trained steps, on sg(x_t) when detached
         grad = n in plan.grad_steps and torch.is_grad_enabled()
         detached = plan.detach_input or not grad
         out = call(x.detach() if detached else x, t, grad)
-        if grad and plan.sample_grad_from is not None:
-            keep = torch.tensor([n >= f for f in plan.sample_grad_from], device=x.device)
-            out = torch.where(keep.view(-1, 1, 1, 1), out, out.detach())
+        if grad and grad_from is not None:  # AlignProp: only samples past their truncation keep gradient
+            out = torch.where((grad_from <= n).view(-1, 1, 1, 1), out, out.detach())
         trace.append(StepRecord(n, int(t), grad, detached))
         # 2. eps and the one-step prediction; the x_t terms keep the linear gradient path
         eps = _eps(out.to(x.dtype), x, abar, schedule.prediction_type)
