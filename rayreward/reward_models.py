@@ -93,17 +93,34 @@ def _features(out) -> torch.Tensor:
     return out if torch.is_tensor(out) else out.pooler_output
 
 
-def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Differentiable CLIPImageProcessor. Shape: (b, 3, h, w) in [0, 1] -> (b, 3, crop, crop)."""
+def resize_crop_normalize(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float],
+                          crop_rounding: str = "floor") -> torch.Tensor:
+    """Differentiable "resize the shortest edge, center crop, normalise", bicubic with antialias.
+
+    Sizes follow the reference processors exactly: the long edge is int(size * long / short) (both
+    transformers' and torchvision's rule); the crop's offset is floor((h - crop) / 2) in
+    transformers' processors and round() in torchvision's CenterCrop (`crop_rounding="round"`).
+    Shape: (b, 3, h, w) in [0, 1] -> (b, 3, crop, crop).
+    """
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    x = F.interpolate(images, size=(max(size, round(h * scale)), max(size, round(w * scale))), mode="bicubic",
-                      antialias=True, align_corners=False)
-    top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+    if h <= w:
+        new_h, new_w = size, int(size * w / h)
+    else:
+        new_h, new_w = int(size * h / w), size
+    x = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    if crop_rounding == "floor":
+        top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    else:
+        top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
     x = x[..., top:top + crop, left:left + crop]
     mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
+
+
+def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Differentiable CLIPImageProcessor. Shape: (b, 3, h, w) in [0, 1] -> (b, 3, crop, crop)."""
+    return resize_crop_normalize(images, size, crop, mean, std, crop_rounding="floor")
 
 
 class ClipScorer(torch.nn.Module):
@@ -114,13 +131,13 @@ class ClipScorer(torch.nn.Module):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         model, processor = _source(model), _source(processor or model)
-        self.model = _load(what, lambda s: CLIPModel.from_pretrained(s, dtype=dtype), model, "model")
+        self.model = _load(what, CLIPModel.from_pretrained, model, "model")  # fp32, cast below (transformers 4 and 5)
         ip = _load(what, CLIPImageProcessor.from_pretrained, processor, "processor")
         self.tokenizer = _load(what, AutoTokenizer.from_pretrained, processor, "processor")
         self.size = _field(ip.size, "shortest_edge")
         self.crop = _field(ip.crop_size, "height")
         self.mean, self.std = list(ip.image_mean), list(ip.image_std)
-        self.model.eval().requires_grad_(False).to(device)
+        self.model.eval().requires_grad_(False).to(device, dtype)
         self.device, self.dtype = torch.device(device), dtype
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
@@ -225,3 +242,6 @@ def aesthetic(device="cpu", head: str = "sac+logos+ava1-l14-linearMSE.pth", mode
 
     reward.scorer, reward.head = scorer, mlp
     return reward
+
+
+from rayreward import package_rewards  # noqa: E402,F401  (hpsv2, hpsv21, imagereward; their packages load lazily)

@@ -162,4 +162,4 @@ def reward_and_loss(reward: CompositeReward, loss_cfg, images: torch.Tensor, pro
     return reward_loss(r, loss_cfg).mean(), r, {k: copy_mean(v, copies) for k, v in parts.items()}
 
 
-from rayreward import reward_models  # noqa: E402,F401  (registers pickscore, clipscore, aesthetic)
+from rayreward import reward_models  # noqa: E402,F401  (registers pickscore, clipscore, aesthetic, hpsv2, hpsv21, imagereward)

@@ -82,7 +82,10 @@ def test_image_gradient_matches_finite_differences(name, tmp_path):
     torch.save(reward_models.AestheticMLP(16).state_dict(), tmp_path / "head.pth")
     args = {"processor": "tiny"} if name == "pickscore" else {"head": str(tmp_path / "head.pth")}
     reward = build_reward(name, model="tiny", **args)
-    reward.scorer.model.double()
+    # the image path in float64; the text tower stays float32 (transformers 4.x cannot build
+    # CLIP's causal mask in float64), it is a constant here
+    reward.scorer.model.vision_model.double()
+    reward.scorer.model.visual_projection.double()
     reward.scorer.dtype = torch.float64
     x = smooth_images(n=1, h=12, w=12, seed=3).double().requires_grad_(True)
     prompts = ["a cat"]
