@@ -90,7 +90,7 @@ def load_state(what: str, path: Path) -> dict:
 
 def _check_keys(what: str, path: Path, model: torch.nn.Module, state: dict, strict: bool) -> None:
     try:
-        missing, unexpected = model.load_state_dict(state, strict=strict)
+        missing, _ = model.load_state_dict(state, strict=strict)  # unexpected keys: extra buffers of other versions
     except RuntimeError as e:
         raise RewardLoadError(f"reward {what}: {str(path)!r} does not fit the model "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None

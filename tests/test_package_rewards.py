@@ -8,7 +8,6 @@ a one-layer BERT in med_config.json.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
