@@ -38,6 +38,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from rayreward import tune
+
+    sweep = tune.load_sweep(args.config, args.set)  # validated here, before Ray starts
+    return 0 if tune.run_sweep(sweep) is not None else 130  # 130: interrupted, as after Ctrl-C
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -128,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML config, e.g. experiments/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3")
     t.set_defaults(fn=cmd_train)
+
+    u = sub.add_parser("tune", help="a Ray Tune sweep: each trial a full training run; resumes when run again")
+    u.add_argument("--config", required=True, help="sweep YAML, e.g. experiments/sweep_k_rank.yaml")
+    u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override on the base config, e.g. train.steps=4")
+    u.set_defaults(fn=cmd_tune)
 
     s = sub.add_parser("sample", help="render a grid from a base model plus LoRAs with scales")
     s.add_argument("--config", default=None, help="YAML config for model and sampling settings (optional)")

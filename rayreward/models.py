@@ -122,6 +122,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RAYREWARD_CACHE", Path.home() / ".cache" / "rayreward"))
 
 
+def format_tag() -> str:
+    """The library versions that decide the saved files' layout (transformers 4 and 5 name CLIP's
+    weights differently): part of every tiny-model cache name, so a cache written under another
+    stack is not read back."""
+    import diffusers
+    import transformers
+
+    return f"tf{transformers.__version__.split('.')[0]}-df{'.'.join(diffusers.__version__.split('.')[:2])}"
+
+
 def _complete(folder: Path) -> bool:
     """Every component of the pipeline folder has its config and weights."""
     if not (folder / "model_index.json").is_file():
@@ -133,7 +143,7 @@ def _complete(folder: Path) -> bool:
 
 def tiny_model_dir(flavour: str, seed: int) -> Path:
     """The cached folder of a tiny pipeline, built on first use (atomic: safe with many workers)."""
-    target = cache_dir() / f"tiny-{flavour}-seed{seed}-v{TINY_VERSION}"
+    target = cache_dir() / f"tiny-{flavour}-seed{seed}-v{TINY_VERSION}-{format_tag()}"
     if _complete(target):
         return target
     if torch.distributed.is_available() and torch.distributed.is_initialized():

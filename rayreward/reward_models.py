@@ -31,9 +31,9 @@ def tiny_clip_dir(seed: int = 0) -> Path:
 
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from rayreward.models import _tiny_tokenizer, cache_dir
+    from rayreward.models import _tiny_tokenizer, cache_dir, format_tag
 
-    target = cache_dir() / f"tiny-clip-seed{seed}-v{TINY_CLIP_VERSION}"
+    target = cache_dir() / f"tiny-clip-seed{seed}-v{TINY_CLIP_VERSION}-{format_tag()}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

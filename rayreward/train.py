@@ -239,7 +239,8 @@ class Worker:
         loss, r, parts = self.score(images, prompts, res.copies)
         t_reward = time.perf_counter()
         # 4. backward; average gradients and statistics (loss, E[r], E[r^2], components) over workers
-        loss.backward()
+        if loss.requires_grad:  # else no grad-carrying step ran (DRTune: all K after the early stop)
+            loss.backward()
         stats = torch.stack([loss.detach(), r.detach().mean(), r.detach().pow(2).mean(),
                              *[v.detach().mean() for v in parts.values()]]).float().cpu()
         stats = self.sync.average(stats).cpu()
@@ -296,12 +297,14 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
-    skipped, row = resume.skipped, {}
+    skipped, row, recent = resume.skipped, {}, []
     for step in range(resume.step, cfg.train.steps):
         _maybe_inject_fault(cfg, step, rank, out)
         row = w.train_step(step)
         skipped += 1 - row["stepped"]
         row["skipped_total"] = skipped
+        recent = (recent + [row["reward_mean"]])[-5:]
+        row["reward_smooth"] = sum(recent) / len(recent)  # what sweeps rank and stop trials on
         last = step == cfg.train.steps - 1
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or last
         if checkpoint_now:
@@ -411,8 +414,9 @@ def check_resources(cfg, have: dict[str, float], fixed: bool) -> None:
     print(f"[rayreward] waiting for the autoscaler: {text}", flush=True)
 
 
-def fit(cfg: config_mod.Config):
-    """Driver: join or start Ray, start the reward actors, run the TorchTrainer, return its Result."""
+def fit(cfg: config_mod.Config, callbacks: list | None = None):
+    """Driver: join or start Ray, start the reward actors, run the TorchTrainer, return its Result.
+    `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -441,7 +445,7 @@ def fit(cfg: config_mod.Config):
         run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             worker_runtime_env={"env_vars": env},
+                             worker_runtime_env={"env_vars": env}, callbacks=callbacks or [],
                              logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
     )
     try:

@@ -1,0 +1,113 @@
+"""`rayreward tune`: a real sweep on the session's Ray (tiny model, 4 trials over K and LoRA rank, ASHA),
+interrupted with Ctrl-C and resumed; its results table and best config; bad sweep files."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from helpers import ROOT, rows
+
+from rayreward import config, train
+from rayreward import tune as rtune
+
+SWEEP = {
+    "base": str(ROOT / "experiments/quickstart.yaml"),
+    "set": ["train.steps=3", "train.batch_size=1", "train.checkpoint_every=1", "sampling.num_steps=4",
+            "method.early_stop_m=2", "grid.seeds=[0]", "grid.prompts=[a cat]"],
+    "name": "kr",
+    "search": {"method.k": [1, 2], "lora.rank": {"grid": [2, 4]}},
+    "metric": "reward_smooth",
+    "mode": "max",
+    "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+}
+
+
+def write_sweep(tmp_path, **changes):
+    data = {**SWEEP, "output_dir": str(tmp_path / "sweep"), **changes}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_sweep_is_interrupted_resumes_and_its_best_config_trains(ray_session, tmp_path):
+    import ray
+
+    path = write_sweep(tmp_path)
+    out = tmp_path / "sweep"
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+    # 1. `rayreward tune` as users run it, joined to this session's Ray; Ctrl-C once a trial is done
+    proc = subprocess.Popen([sys.executable, "-m", "rayreward.cli", "tune", "--config", str(path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("trials/*/lora/*.safetensors")):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(1)
+    finished = {p.parts[-3] for p in out.glob("trials/*/lora/*.safetensors")}
+    assert finished, "no trial finished in 300 s"
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "interrupted" in log, log[-2000:]
+    assert not (out / "results.csv").exists(), log[-2000:]  # it was cut short
+    stamps = {t: (out / "trials" / t / "grid_start.png").stat().st_mtime for t in finished}
+
+    # 2. the same command again resumes: finished trials are not re-run, the others complete
+    sweep = rtune.load_sweep(path)
+    assert rtune.run_sweep(sweep) == out
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 4 and set(df.status) == {"DONE"}, df
+    assert sorted(zip(df["method.k"], df["lora.rank"])) == [(1, 2), (1, 4), (2, 2), (2, 4)]
+    assert df.steps.between(1, 3).all() and df.reward_smooth.notna().all()
+    assert (df.stopped_early == (df.steps < 3)).all()
+    assert (out / "results.parquet").is_file() and (out / "sweep.png").stat().st_size > 0
+    for t in finished:
+        assert (out / "trials" / t / "grid_start.png").stat().st_mtime == stamps[t]
+        assert len(rows(out / "trials" / t / "metrics.csv")) == 3
+    # each trial's own metrics.csv agrees with what Tune saw at its last report
+    for _, r in df.iterrows():
+        m = rows(out / "trials" / r.trial_id / "metrics.csv")
+        assert len(m) == r.steps_trained >= r.steps
+        assert float(m[r.steps - 1]["reward_smooth"]) == pytest.approx(r.reward_smooth, rel=1e-6)
+
+    # 3. the best config is the best row's values on the base, and it trains
+    best = df.sort_values("reward_smooth", ascending=False).iloc[0]
+    cfg = config.load(out / "best_config.yaml", [f"output_dir={tmp_path / 'best'}", "train.steps=1"])
+    assert (cfg.method.k, cfg.lora.rank) == (best["method.k"], best["lora.rank"])
+    assert cfg.sampling.num_steps == 4  # the base's overrides are kept
+    row = train.run_training(cfg)
+    assert row["stepped"] == 1 and (tmp_path / "best" / "lora").is_dir()
+
+
+def test_bad_sweeps_are_refused_before_ray_starts(tmp_path):
+    def problems(**changes):
+        with pytest.raises(config.ConfigError) as e:
+            rtune.load_sweep(write_sweep(tmp_path, **changes))
+        return "\n".join(e.value.problems)
+
+    p = problems(search={"method.kk": [1, 2]})
+    assert "search.method.kk = 1: method.kk: unknown key; allowed:" in p
+    assert "search.method.k = 0: method.k: 0 is not allowed" in problems(search={"method.k": [0, 2]})
+    assert "need [low, high] numbers with low < high and low > 0" in problems(search={"optim.lr": {"loguniform": [0, 1]}})
+    assert "search.lora.rank: {'range': [1, 2]} is not allowed" in problems(search={"lora.rank": {"range": [1, 2]}})
+    assert "search: missing or empty" in problems(search={})
+    assert "scheduler: {'name': 'hyperband'} is not allowed" in problems(scheduler={"name": "hyperband"})
+    assert "mode: 'best' is not allowed" in problems(mode="best")
+    assert "base: 'nope.yaml' does not exist" in problems(base="nope.yaml")
+    assert "base config: train.steps:" in problems(set=["train.steps=-1"])
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        rtune.load_sweep(tmp_path / "missing.yaml")
+
+
+def test_a_sweep_larger_than_the_cluster_is_a_clear_error(tmp_path):
+    sweep = rtune.load_sweep(write_sweep(tmp_path, search={"train.num_workers": [1, 8]}))
+    with pytest.raises(config.ConfigError, match=r"one trial of sweep 'kr' asks for more than the cluster has "
+                                                 r"\(CPU: needs 8.01, the cluster has 4\)"):
+        rtune.concurrency(sweep, {"CPU": 4.0}, fixed=True)
+    assert rtune.concurrency(sweep, {"CPU": 4.0}, fixed=False) == 1  # an autoscaler may add nodes
+    small = rtune.load_sweep(write_sweep(tmp_path))
+    assert rtune.concurrency(small, {"CPU": 4.0}, fixed=True) == 3  # 1.01 CPU a trial
+    assert rtune.concurrency(small, {"CPU": 64.0}, fixed=True) == 63
