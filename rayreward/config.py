@@ -136,7 +136,9 @@ class Config:
     name: str = "quickstart"  # run name: Ray Train run name and default output folder name
     output_dir: str = "runs/quickstart"  # metrics.csv, plots, grids, checkpoints, final LoRA
     prompts: list[str] = field(default_factory=lambda: ["a cat", "a dog", "a red car", "a tree"])
-    prompt_file: str | None = None  # text file, one prompt a line; replaces `prompts`
+    # text file, one prompt a line; replaces `prompts`. "builtin:NAME" is a set shipped with
+    # rayreward (rayreward/prompts/NAME.txt: animals, styles, symmetry)
+    prompt_file: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -153,8 +155,19 @@ class Config:
 
     def training_prompts(self) -> list[str]:
         if self.prompt_file:
-            return [ln.strip() for ln in Path(self.prompt_file).read_text().splitlines() if ln.strip()]
+            return [ln.strip() for ln in prompt_path(self.prompt_file).read_text().splitlines() if ln.strip()]
         return list(self.prompts)
+
+
+def builtin_prompt_sets() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "prompts").glob("*.txt"))
+
+
+def prompt_path(name: str) -> Path:
+    """A prompt file's path; "builtin:NAME" is one of the sets shipped in rayreward/prompts/."""
+    if name.startswith("builtin:"):
+        return Path(__file__).parent / "prompts" / f"{name.split(':', 1)[1]}.txt"
+    return Path(name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,9 +348,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.resolution: {mc.resolution} is not allowed; need a multiple of 8, >= 8")
 
     if cfg.prompt_file is not None:
-        pf = Path(cfg.prompt_file)
+        pf = prompt_path(cfg.prompt_file)
         if not pf.is_file():
-            p.append(f"prompt_file: {cfg.prompt_file!r} does not exist")
+            p.append(f"prompt_file: {cfg.prompt_file!r} does not exist; give a text file (one prompt a line) or "
+                     f"one of the built-in sets: {', '.join('builtin:' + n for n in builtin_prompt_sets())}")
         elif not cfg.training_prompts():
             p.append(f"prompt_file: {cfg.prompt_file!r} holds no prompt (one prompt a line)")
     elif not cfg.prompts:
