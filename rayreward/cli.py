@@ -92,27 +92,101 @@ def _score_inputs(images_dir: str, prompts_file: str | None) -> tuple[list[Path]
     return files, prompts
 
 
-def cmd_score(args) -> int:
-    import numpy as np
-    import pandas as pd
-    import torch
+def _reward_specs(rewards: str, arg_list: list[str]) -> list[dict]:
+    """--rewards a,b and --arg a.key=value ... as RewardSpec dicts (weight 1), validated as in training."""
     import yaml
-    from PIL import Image
 
-    from rayreward.config import ConfigError, RewardSpec, from_dict
-    from rayreward.rewards import build_composite
+    from rayreward.config import ConfigError, from_dict
 
-    names = [n.strip() for n in args.rewards.split(",") if n.strip()]
+    names = [n.strip() for n in rewards.split(",") if n.strip()]
+    if not names:
+        raise ConfigError([f"--rewards {rewards!r}: give at least one reward name"])
     extra: dict[str, dict] = {n: {} for n in names}
-    for a in args.arg:
+    for a in arg_list:
         key, _, value = a.partition("=")
         name, _, field = key.partition(".")
         if name not in extra or not field or not _:
             raise ConfigError([f"--arg {a!r}: expected REWARD.KEY=VALUE with REWARD one of {', '.join(names)}"])
         extra[name][field] = yaml.safe_load(value)
-    from_dict({"rewards": [{"name": n, "args": extra[n]} for n in names]})  # same validation as training
+    specs = [{"name": n, "weight": 1.0, "args": extra[n]} for n in names]
+    from_dict({"rewards": specs})  # same validation as training
+    return specs
+
+
+def cmd_eval(args) -> int:
+    from rayreward import config, evaluate, models
+
+    cfg = config.load(args.config, args.set)
+    problems = []
+    loras = []
+    for item in args.lora:  # [NAME=]PATH[:SCALE]
+        name, sep, rest = item.partition("=")
+        if not sep:
+            name, rest = "", item
+        path, scale = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                problems.append(f"--lora {item!r}: scale {tail!r} is not a number")
+                continue
+        try:
+            models.lora_file(path)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"--lora {item!r}: {e}")
+            continue
+        p = Path(path)
+        loras.append((name or (p.parent.name if p.name == "lora" or p.is_file() else p.name), path, scale))
+    names = [n for n, _, _ in loras]
+    if "base" in names or len(set(names)) != len(names):
+        problems.append(f"--lora: names must be unique and not 'base' (got {names}); use NAME=PATH")
+    if problems:
+        raise config.ConfigError(problems)
+    cfg.rewards = [config.RewardSpec(**s) for s in _reward_specs(args.rewards, args.arg)]
+    prompts = evaluate.load_prompts(args.prompts)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise config.ConfigError([f"--seeds {args.seeds!r}: expected integers separated by commas"]) from None
+    out = Path(args.out)
+    _, summary = evaluate.run_eval(cfg, loras, cfg.rewards, prompts, seeds, out, batch=args.batch)
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"[rayreward] wrote {out / 'summary.csv'}, {out / 'per_prompt.csv'}, {out / 'per_image.csv'}, "
+          f"{out}/grid_seed*.png")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rayreward import evaluate
+
+    out = Path(args.out)
+    runs, table = evaluate.report(args.runs, out, last=args.last)
+    print(runs.drop(columns=["dir"]).to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
+    print(f"\nfinal reward (mean of the last {args.last} steps), method x training reward:")
+    print(table.to_markdown(floatfmt="+.4f") if _has_tabulate() else table.to_string(float_format=lambda v: f"{v:+.4f}"))
+    print(f"[rayreward] wrote {out / 'report.png'}, {out / 'table.csv'}, {out / 'runs.csv'}")
+    return 0
+
+
+def _has_tabulate() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tabulate") is not None
+
+
+def cmd_score(args) -> int:
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from rayreward.config import RewardSpec
+    from rayreward.rewards import build_composite
+
+    specs = _reward_specs(args.rewards, args.arg)
     files, prompts = _score_inputs(args.images, args.prompts)
-    reward = build_composite([RewardSpec(n, 1.0, extra[n]) for n in names], device=args.device)
+    reward = build_composite([RewardSpec(**s) for s in specs], device=args.device)
     rows = []
     for f, prompt in zip(files, prompts):
         img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
@@ -135,6 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML config, e.g. experiments/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3")
     t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="base model vs LoRAs on a prompt set and seeds, scored by rewards in reward actors")
+    e.add_argument("--config", default=None, help="YAML config for model, sampling and reward_server settings")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH[:SCALE]",
+                   help="a LoRA folder or .safetensors (repeat for several)")
+    e.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv21,pickscore,symmetry")
+    e.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE")
+    e.add_argument("--prompts", default="builtin:animals",
+                   help="builtin:animals|styles|symmetry, hpsv2:anime|concept-art|paintings|photo, or a .txt/.csv")
+    e.add_argument("--seeds", default="0,1", help="comma-separated seeds, the same for every variant")
+    e.add_argument("--batch", type=int, default=8, help="prompts rendered at once")
+    e.add_argument("--out", required=True, help="output folder")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="reward curves of several runs in one plot, and a method x reward table")
+    r.add_argument("runs", nargs="+", help="run folders (config.yaml + metrics.csv) or sweep folders")
+    r.add_argument("--out", default="runs/report", help="output folder")
+    r.add_argument("--last", type=int, default=5, help="steps averaged for the final reward")
+    r.set_defaults(fn=cmd_report)
 
     u = sub.add_parser("tune", help="a Ray Tune sweep: each trial a full training run; resumes when run again")
     u.add_argument("--config", required=True, help="sweep YAML, e.g. experiments/sweep_k_rank.yaml")

@@ -45,6 +45,12 @@ class RewardServer:
         return {"loss": loss.detach().cpu(), "reward": r.detach().cpu(), "grad": grad.cpu(),
                 "parts": {k: v.detach().cpu() for k, v in parts.items()}}
 
+    @torch.no_grad()
+    def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        """Evaluation: each reward's score, no gradient. Shape: (b, 3, h, w) -> {name: (b,)}."""
+        _, parts = self.reward(images.to(self.device, torch.float32), list(prompts))
+        return {k: v.float().cpu() for k, v in parts.items()}
+
     def pid(self) -> int:
         return os.getpid()
 

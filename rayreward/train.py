@@ -288,6 +288,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     main = rank == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        config_mod.dump(cfg, out / "config.yaml")  # what `rayreward report` reads back
         log = MetricsLog(out / "metrics.csv", resume.step)
         if resume.step:
             print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
