@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_and_every_experiment_file_validate():
     config.from_dict({})
-    files = sorted((ROOT / "experiments").glob("*.yaml"))
+    files = sorted((ROOT / "experiments").rglob("*.yaml"))
     assert files
-    for f in files:
-        config.load(f)
+    for f in files:  # training configs; sweep files (a `search`) are loaded in test_experiments/test_tune
+        if "search" not in (yaml.safe_load(f.read_text()) or {}):
+            config.load(f)
 
 
 def test_set_overrides_parse_yaml_values_and_index_lists():
@@ -36,7 +37,7 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
     (["method.k=11"], "method.k: 11 is larger than sampling.num_steps (10)"),
     (["method.k=0"], "method.k: 0 is not allowed"),
     (["method.name=dpo"], "method.name: 'dpo' is unknown; allowed: drtune, draft, draft_k, draft_lv, refl, alignprop"),
-    (["rewards=[{name: hpsv9}]"], "rewards[0].name: 'hpsv9' is unknown; allowed: aesthetic, brightness, clipscore, contrast, pickscore"),
+    (["rewards=[{name: hpsv9}]"], "rewards[0].name: 'hpsv9' is unknown; allowed: aesthetic, brightness, clipscore, contrast, hpsv2, hpsv21, imagereward, pickscore"),
     (["lora.rank=-4"], "lora.rank: -4 is not allowed"),
     (["optim.lr=-0.001"], "optim.lr: -0.001 is not allowed"),
     (["sampling.guidance_scale=-1"], "sampling.guidance_scale: -1.0 is negative"),
