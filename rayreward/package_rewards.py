@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from rayreward.reward_models import RewardLoadError, _dtype, resize_crop_normalize
+from rayreward.reward_models import RewardLoadError, _dtype, read_state_dict, resize_crop_normalize
 from rayreward.rewards import register_reward
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -70,17 +70,7 @@ def fetch(what: str, source: str, filename: str, key: str) -> Path:
 def load_state(what: str, path: Path) -> dict:
     """A state dict from .pt/.pth (weights_only: no pickled code runs) or .safetensors; a
     {'state_dict': ...} wrapper (HPS checkpoints) is unwrapped."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise RewardLoadError(f"reward {what}: {str(path)!r} is not a readable checkpoint "
-                              f"({type(e).__name__}: {first})") from None
+    state = read_state_dict(f"reward {what}: {str(path)!r}", path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):

@@ -204,22 +204,27 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(x)
 
 
+def read_state_dict(what: str, path: Path) -> dict:
+    """A state dict from .pt/.pth (weights_only: no pickled code runs) or .safetensors; `what`
+    starts the error message of an unreadable file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise RewardLoadError(f"{what} is not a readable state dict ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_aesthetic_head(path: str | Path, dim: int) -> AestheticMLP:
     """The MLP from a .pth / .safetensors state dict, without running pickled code."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise RewardLoadError(f"reward aesthetic: head {str(path)!r} does not exist. Set rewards[].args.head to the "
                               "local sac+logos+ava1-l14-linearMSE.pth (LAION improved-aesthetic-predictor)")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise RewardLoadError(f"reward aesthetic: head {str(path)!r} is not a readable state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    state = read_state_dict(f"reward aesthetic: head {str(path)!r}", p)
     head = AestheticMLP(dim)
     try:
         head.load_state_dict(state)

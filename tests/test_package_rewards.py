@@ -90,7 +90,7 @@ def test_hps_bad_inputs(hps_files, tmp_path, monkeypatch):
     with pytest.raises(RewardLoadError, match=r"checkpoint '.*nope.pt' does not exist.*args.checkpoint"):
         build_reward("hpsv21", checkpoint=str(tmp_path / "nope.pt"), arch=str(arch))
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    with pytest.raises(RewardLoadError, match="not a readable checkpoint"):
+    with pytest.raises(RewardLoadError, match="not a readable state dict"):
         build_reward("hpsv21", checkpoint=str(tmp_path / "text.pt"), arch=str(arch))
     torch.save({"state_dict": {"visual.proj": torch.zeros(2)}}, tmp_path / "other.pt")
     with pytest.raises(RewardLoadError, match="does not fit the model"):
