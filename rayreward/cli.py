@@ -132,12 +132,12 @@ def cmd_eval(args) -> int:
                 problems.append(f"--lora {item!r}: scale {tail!r} is not a number")
                 continue
         try:
-            models.lora_file(path)
+            f = models.lora_file(path)
         except (FileNotFoundError, ValueError) as e:
             problems.append(f"--lora {item!r}: {e}")
             continue
-        p = Path(path)
-        loras.append((name or (p.parent.name if p.name == "lora" or p.is_file() else p.name), path, scale))
+        # default name: the run folder of RUN/lora, else the file's stem
+        loras.append((name or (f.parent.parent.name if f.parent.name == "lora" else f.stem), path, scale))
     names = [n for n, _, _ in loras]
     if "base" in names or len(set(names)) != len(names):
         problems.append(f"--lora: names must be unique and not 'base' (got {names}); use NAME=PATH")

@@ -427,8 +427,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
     out = Path(cfg.output_dir).resolve()
     cfg.output_dir = str(out)
     cfg.prompts, cfg.prompt_file = cfg.training_prompts(), None  # the workers get the prompts themselves
-    out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)  # run_training (rank 0) writes config.yaml there
     if cfg.model.name in config_mod.TINY_MODELS:
         models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
     if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
