@@ -44,10 +44,16 @@ def test_missing_hub_model_offline_is_a_clear_error(monkeypatch):
         models.load_components(ModelConfig(name="nobody/no-such-model"))
 
 
+# the quickstart's targets mix attention projections, feed-forward and convolutions
+QUICKSTART_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                      "conv1", "conv2", "conv_in", "conv_out", "time_emb_proj"]
+
+
+@pytest.mark.parametrize("targets", [["to_q", "to_k", "to_v", "to_out.0"], QUICKSTART_TARGETS], ids=["attn", "mixed"])
 @pytest.mark.parametrize("name", ["tiny", "tiny-sdxl"])
-def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, tmp_path):
+def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, targets, tmp_path):
     c = models.load_components(ModelConfig(name=name))
-    params = models.add_lora(c.unet, LoraConfig(rank=4, alpha=2.0))  # alpha != rank: metadata matters
+    params = models.add_lora(c.unet, LoraConfig(rank=4, alpha=2.0, target_modules=targets))  # alpha != rank
     _perturb(params, 0)
     models.save_lora(c.unet, tmp_path / "lora", c.flavour)
     prompts, seeds = ["a cat", "a dog"], [0, 1]
@@ -60,6 +66,11 @@ def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(c.source)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_lora_weights(str(tmp_path / "lora"))
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    placed = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
+    assert len(placed) == len(load_file(tmp_path / "lora" / models.LORA_WEIGHT_NAME))  # every saved tensor used
     with torch.no_grad():
         theirs = pipe(prompts, num_inference_steps=6, guidance_scale=5.0, latents=x_T.clone(), output_type="pt",
                       height=32, width=32).images
@@ -116,3 +127,62 @@ def test_lora_file_errors(tmp_path):
     bad.write_bytes(b"x")
     with pytest.raises(ValueError, match="only .safetensors"):
         models.lora_file(bad)
+
+
+def test_lora_roundtrip_through_our_loader_on_mixed_targets(tmp_path):
+    """sample/eval load a LoRA with load_lora: every tensor lands, equal, for the quickstart's targets."""
+    c = models.load_components(ModelConfig(name="tiny"))
+    _perturb(models.add_lora(c.unet, LoraConfig(target_modules=QUICKSTART_TARGETS)), 3)
+    models.save_lora(c.unet, tmp_path, c.flavour)
+    from peft.utils import get_peft_model_state_dict
+
+    want = get_peft_model_state_dict(c.unet)
+    c2 = models.load_components(ModelConfig(name="tiny"))
+    models.load_lora(c2.unet, tmp_path, "x")
+    got = get_peft_model_state_dict(c2.unet, adapter_name="x")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_lora_in_the_older_mixed_key_layout_still_loads_whole(tmp_path):
+    """Files written before the peft-naming fix mix `lora.down` and `lora_A` keys; they load whole."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    c = models.load_components(ModelConfig(name="tiny"))
+    _perturb(models.add_lora(c.unet, LoraConfig(target_modules=QUICKSTART_TARGETS)), 4)
+    want = get_peft_model_state_dict(c.unet)
+    legacy = convert_state_dict_to_diffusers(dict(want))
+    assert any("lora.down" in k for k in legacy) and any("lora_A" in k for k in legacy)  # really mixed
+    save_file({f"unet.{k}": v.contiguous() for k, v in legacy.items()}, tmp_path / "old.safetensors")
+    c2 = models.load_components(ModelConfig(name="tiny"))
+    models.load_lora(c2.unet, tmp_path / "old.safetensors", "x")
+    got = get_peft_model_state_dict(c2.unet, adapter_name="x")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_lora_of_another_model_or_with_nan_is_refused(tmp_path):
+    sdxl = models.load_components(ModelConfig(name="tiny-sdxl"))
+    models.add_lora(sdxl.unet, LoraConfig(target_modules=QUICKSTART_TARGETS))
+    models.save_lora(sdxl.unet, tmp_path / "xl", sdxl.flavour)
+    c = models.load_components(ModelConfig(name="tiny"))
+    with pytest.raises(models.LoraFileError, match="does not fit this model: .* has shape"):
+        models.load_lora(c.unet, tmp_path / "xl", "x")
+
+    params = models.add_lora(c.unet, LoraConfig())
+    with torch.no_grad():
+        params[0][0, 0] = float("nan")
+    with pytest.raises(models.LoraFileError, match="NaN or inf"):
+        models.save_lora(c.unet, tmp_path / "nan", c.flavour)
+    assert not (tmp_path / "nan").exists()  # nothing half-written
+    from safetensors.torch import load_file, save_file
+
+    good = models.save_lora(sdxl.unet, tmp_path / "ok", sdxl.flavour)
+    state = load_file(good)
+    state[next(iter(state))][0] = float("inf")
+    save_file(state, tmp_path / "inf.safetensors")
+    with pytest.raises(models.LoraFileError, match="NaN or inf"):
+        models.load_lora(sdxl.unet, tmp_path / "inf.safetensors", "y")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(models.LoraFileError, match="not a readable safetensors file"):
+        models.read_lora_state(tmp_path / "junk.safetensors")
