@@ -8,6 +8,7 @@ one `ConfigError`, before any model, Ray cluster or file is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -33,6 +34,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+    def __reduce__(self):  # pickled across a Ray process boundary: rebuild from the list, not the text
+        return (type(self), (self.problems,))
 
 
 @dataclass
@@ -215,6 +219,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{where}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):  # YAML reads .inf / .nan as floats; no field accepts them
+            problems.append(f"{where}: {value!r} is not allowed; need a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -328,7 +334,8 @@ def validate(cfg: Config) -> list[str]:
     for key in ("num_cpus", "num_gpus"):
         if getattr(rs, key) < 0:
             p.append(f"reward_server.{key}: {getattr(rs, key)} is negative; need >= 0")
-    bad = {k: v for k, v in rs.resources.items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0}
+    bad = {k: v for k, v in rs.resources.items()
+           if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < math.inf}
     if bad:
         p.append(f"reward_server.resources: {bad} is not allowed; need {{name: amount >= 0}}")
     if rs.max_restarts < -1:

@@ -153,13 +153,15 @@ def reward_loss(r: torch.Tensor, loss_cfg) -> torch.Tensor:
 def reward_and_loss(reward: CompositeReward, loss_cfg, images: torch.Tensor, prompts: Sequence[str], copies: int = 1):
     """The batch loss and its rewards, the same in-process and in a reward actor.
 
-    Shape: images (copies * b, 3, h, w) -> loss (), reward (b,), components {name: (b,)}; the
-    rewards of the `copies` images of one sample (DRaFT-LV) are averaged first."""
+    Shape: images (copies * b, 3, h, w) -> loss (), reward (b,), components {name: (b,)}.
+    DRaFT-LV averages the loss over its `copies` images of one sample: each copy's loss is taken
+    on its own reward, then averaged (a hinge or absolute loss of the copies' mean reward would
+    differ). The logged rewards are the copies' means."""
     from rayreward.sampling import copy_mean
 
     total, parts = reward(images, list(prompts) * copies)
-    r = copy_mean(total, copies)
-    return reward_loss(r, loss_cfg).mean(), r, {k: copy_mean(v, copies) for k, v in parts.items()}
+    loss = copy_mean(reward_loss(total, loss_cfg), copies).mean()
+    return loss, copy_mean(total, copies), {k: copy_mean(v, copies) for k, v in parts.items()}
 
 
 from rayreward import reward_models  # noqa: E402,F401  (registers pickscore, clipscore, aesthetic, hpsv2, hpsv21, imagereward)

@@ -17,7 +17,7 @@ callables only: no Ray, no I/O, no globals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
@@ -184,10 +184,23 @@ def _eps(out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
 
 
-def _randn_like(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-    """Noise drawn on the generator's device (reproducible across devices), moved to x's."""
-    device = g.device if g is not None else x.device
-    return torch.randn(x.shape, generator=g, device=device, dtype=x.dtype).to(x.device)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _randn_like(x: torch.Tensor, g: Generators) -> torch.Tensor:
+    """Noise like x, drawn on the generator's device (reproducible across devices), moved to x's.
+
+    With one generator per sample (a list of b), row r of x (b rows, or copies * b for DRaFT-LV,
+    laid out copy-major) is drawn from generator r mod b, copies in order: a sample's noise then
+    depends on its own generator only, whatever else shares the batch (or the worker)."""
+    if g is None or isinstance(g, torch.Generator):
+        device = g.device if g is not None else x.device
+        return torch.randn(x.shape, generator=g, device=device, dtype=x.dtype).to(x.device)
+    b = len(g)
+    assert x.shape[0] % b == 0, f"{x.shape[0]} rows for {b} per-sample generators"
+    rows = [torch.randn((1, *x.shape[1:]), generator=g[r % b], device=g[r % b].device, dtype=x.dtype)
+            for r in range(x.shape[0])]
+    return torch.cat(rows).to(x.device)
 
 
 def x0_hat(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
@@ -202,10 +215,13 @@ def sample(
     plan: StepPlan,
     *,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     gradient_checkpointing: bool = False,
 ) -> SampleResult:
-    """Run the chain of `plan` from x_T. Shape: x_T (b, c, h, w) -> latents (b or n*b, c, h, w)."""
+    """Run the chain of `plan` from x_T. Shape: x_T (b, c, h, w) -> latents (b or n*b, c, h, w).
+
+    `generator` draws the step noise (eta > 0) and DRaFT-LV's re-noising: one generator, or a
+    list of b (one per sample, so that a sample's chain does not depend on its batch)."""
     assert plan.num_steps == schedule.num_steps, (plan.num_steps, schedule.num_steps)
     trace: list[StepRecord] = []
 

@@ -35,19 +35,22 @@ STATE_FILE = "trainer_state.json"
 # Small pure pieces.
 
 
-def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                 grad_clip: float) -> tuple[bool, float]:
-    """Clip and step, unless the loss or the gradient norm is not finite: then the step is
-    skipped and the parameters stay as they are. Returns (stepped, grad_norm)."""
+def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor | float,
+                 grad_clip: float, trained: bool = True) -> tuple[bool, float]:
+    """Clip and step, unless nothing was trained (`trained` False: no worker ran a grad-carrying
+    UNet call, so AdamW must not move the LoRA on momentum alone) or the loss or the gradient norm
+    is not finite: then the step is skipped and the parameters stay as they are.
+    Returns (stepped, grad_norm)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
-    finite = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norm))
-    if finite:
+    finite = bool(torch.isfinite(torch.as_tensor(loss)).all()) and bool(torch.isfinite(norm))
+    stepped = finite and trained
+    if stepped:
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite, float(norm)
+    return stepped, float(norm)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -143,19 +146,21 @@ class GradSync:
             for p in self.params:
                 self.dist.broadcast(p.data, src=0)
 
-    def average(self, stats: torch.Tensor) -> torch.Tensor:
-        """Average every worker's LoRA gradients (in place) and `stats` (1-D); returns the stats."""
+    def average(self, stats: "StepStats") -> "StepStats":
+        """Average every worker's LoRA gradients (in place; a worker without a gradient adds
+        zeros) and its step statistics; returns the averaged statistics."""
         if not self.active:
             return stats
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.flatten() for g in grads] + [stats.to(grads[0])])
+        packed = stats.pack()
+        flat = torch.cat([g.flatten() for g in grads] + [packed.to(grads[0])])
         self.dist.all_reduce(flat)
         flat /= self.world
         offset = 0
         for p in self.params:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        return flat[offset:].to(stats)
+        return stats.unpack(flat[offset:])
 
     def max_divergence(self) -> float:
         """Largest difference of a LoRA fingerprint (sum, sum of squares) between workers."""
@@ -167,6 +172,31 @@ class GradSync:
         self.dist.all_reduce(lo, op=self.dist.ReduceOp.MIN)
         self.dist.all_reduce(hi, op=self.dist.ReduceOp.MAX)
         return float((hi - lo).abs().max())
+
+
+@dataclass
+class StepStats:
+    """One step's statistics on one worker; `GradSync.average` averages them over workers in the
+    same all-reduce as the gradients (packed into a flat tensor and out again)."""
+
+    loss: float
+    reward_mean: float  # E[r] over the batch
+    reward_sq: float  # E[r^2], for the global standard deviation
+    trained_calls: float  # grad-carrying UNet calls (0: this worker trained nothing)
+    parts: dict[str, float] = field(default_factory=dict)  # each reward component's batch mean
+
+    def pack(self) -> torch.Tensor:
+        head = [self.loss, self.reward_mean, self.reward_sq, self.trained_calls]
+        return torch.tensor(head + list(self.parts.values()), dtype=torch.float64)
+
+    def unpack(self, flat: torch.Tensor) -> "StepStats":
+        """The same statistics with the values of `flat` (from `pack`, averaged)."""
+        v = [float(x) for x in flat.double().cpu()]
+        return StepStats(*v[:4], parts=dict(zip(self.parts, v[4:])))
+
+
+class RewardGradientError(RuntimeError):
+    """The reward does not depend on the images: training could change nothing."""
 
 
 @dataclass
@@ -200,6 +230,7 @@ class Worker:
             self.score = lambda images, prompts, copies: reward_and_loss(composite, cfg.loss, images, prompts, copies)
         self.schedule = sampling.Schedule.from_scheduler(self.c.scheduler, cfg.sampling.num_steps).to(self.device)
         self.prompts = cfg.training_prompts()
+        self._reward_checked = False  # the first grad-carrying step checks the reward has a gradient
 
     def restore(self, resume: Resume):
         models.load_lora_weights_into(self.c.unet, resume.lora_dir)
@@ -207,21 +238,23 @@ class Worker:
 
     def draw_batch(self, step: int):
         """This worker's share of step `step`'s global batch: prompts, x_T, the step plan and the
-        sampler's noise generator. Sample i of the global batch depends on (seed, step, i) only,
-        and the plan on (seed, step), so N workers x B samples see what 1 worker x N*B sees."""
+        sampler's noise generators. Sample i of the global batch depends on (seed, step, i) only
+        (its prompt, x_T and AlignProp draw from one generator; its step noise and DRaFT-LV
+        re-noising from another), and the plan on (seed, step), so N workers x B samples see what
+        1 worker x N*B sees, for every eta and method."""
         cfg, B = self.cfg, self.cfg.train.batch_size
         seed = cfg.train.seed
-        gens = [torch.Generator().manual_seed(_seed(seed, step, "sample", i))
-                for i in range(self.rank * B, (self.rank + 1) * B)]
+        mine = range(self.rank * B, (self.rank + 1) * B)
+        gens = [torch.Generator().manual_seed(_seed(seed, step, "sample", i)) for i in mine]
         prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
         side = cfg.model.resolution // self.c.vae_scale_factor
         x_T = torch.cat([torch.randn((1, self.c.unet.config.in_channels, side, side), generator=g) for g in gens])
         plan = sampling.make_plan(cfg.method, cfg.sampling.num_steps, B,
                                   torch.Generator().manual_seed(_seed(seed, step, "plan")), sample_gens=gens)
-        noise = torch.Generator().manual_seed(_seed(seed, step, "noise", self.rank))
+        noise = [torch.Generator().manual_seed(_seed(seed, step, "noise", i)) for i in mine]
         return prompts, x_T.to(self.device), plan, noise
 
-    def forward_backward(self, step: int) -> tuple[torch.Tensor, dict, sampling.SampleResult]:
+    def forward_backward(self, step: int) -> tuple[StepStats, dict, sampling.SampleResult]:
         """Sample, reward, backward and average over workers; the LoRA .grad then holds the
         global batch's gradient. Returns the averaged statistics, timings and the sample."""
         cfg = self.cfg
@@ -238,31 +271,58 @@ class Worker:
         # 3. reward and loss, in-process or one round trip to a reward actor
         loss, r, parts = self.score(images, prompts, res.copies)
         t_reward = time.perf_counter()
-        # 4. backward; average gradients and statistics (loss, E[r], E[r^2], components) over workers
-        if loss.requires_grad:  # else no grad-carrying step ran (DRTune: all K after the early stop)
+        # 4. backward (none when no grad-carrying step ran, e.g. DRTune's K steps all after the
+        #    early stop); average gradients and statistics over workers
+        check = not self._reward_checked and images.requires_grad
+        if check:
+            self._check_reward_depends_on_images(loss, images)
+        if loss.requires_grad:
             loss.backward()
-        stats = torch.stack([loss.detach(), r.detach().mean(), r.detach().pow(2).mean(),
-                             *[v.detach().mean() for v in parts.values()]]).float().cpu()
-        stats = self.sync.average(stats).cpu()
+        if check:
+            self._check_reward_depends_on_images(loss, images, after_backward=True)
+        stats = StepStats(float(loss.detach()), float(r.detach().mean()), float(r.detach().pow(2).mean()),
+                          float(sum(rec.grad for rec in res.trace)),
+                          {k: float(v.detach().mean()) for k, v in parts.items()})
+        stats = self.sync.average(stats)
         times = {"s_sample": t_sample - t0, "s_reward": t_reward - t_sample, "t_start": t0}
-        return stats, {"parts": list(parts), **times}, res
+        return stats, times, res
+
+    def _check_reward_depends_on_images(self, loss: torch.Tensor, images: torch.Tensor,
+                                        after_backward: bool = False) -> None:
+        """On the first step that carries gradient: a reward whose loss has no gradient path to
+        the images, or (linear loss) an all-zero image gradient, would train nothing."""
+        names = ", ".join(s.name for s in self.cfg.rewards)
+        hint = ("A reward must be computed from `images` with differentiable torch ops (no .detach(), .item(), "
+                "numpy or PIL, and not under torch.no_grad()).")
+        if not after_backward:
+            if not loss.requires_grad:
+                raise RewardGradientError(f"reward {names}: the loss does not depend on the images (no gradient "
+                                          f"path), so training would change nothing. {hint}")
+            images.retain_grad()
+            return
+        self._reward_checked = True
+        g = images.grad
+        if self.cfg.loss.kind == "linear" and (g is None or not bool(g.abs().sum() > 0)):
+            raise RewardGradientError(f"reward {names}: its gradient with respect to the images is zero on the "
+                                      f"first step, so training would change nothing. {hint}")
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns its metrics row (averaged over workers)."""
         cfg = self.cfg
-        stats, info, res = self.forward_backward(step)
-        stepped, gnorm = guarded_step(self.params, self.optimizer, stats[0], cfg.optim.grad_clip)
+        stats, times, res = self.forward_backward(step)
+        trained = stats.trained_calls > 0  # on any worker: the same decision on every rank
+        stepped, gnorm = guarded_step(self.params, self.optimizer, stats.loss, cfg.optim.grad_clip, trained)
         t_end = time.perf_counter()
         n = self.world * cfg.train.batch_size
-        var = max(float(stats[2] - stats[1] ** 2), 0.0) * n / max(n - 1, 1)
-        row = {"step": step, "reward_mean": float(stats[1]), "reward_std": var**0.5,
-               "loss": float(stats[0]), "grad_norm": gnorm, "stepped": int(stepped),
-               "trained_steps": sum(rec.grad for rec in res.trace),
-               "s_sample": info["s_sample"], "s_reward": info["s_reward"],
+        var = max(stats.reward_sq - stats.reward_mean ** 2, 0.0) * n / max(n - 1, 1)
+        row = {"step": step, "reward_mean": stats.reward_mean, "reward_std": var**0.5,
+               "loss": stats.loss, "grad_norm": gnorm, "stepped": int(stepped),
+               "trained_steps": stats.trained_calls,  # grad-carrying UNet calls, mean over workers
+               "s_sample": times["s_sample"], "s_reward": times["s_reward"],
                # backward + gradient all-reduce + optimizer step
-               "s_backward": t_end - info["t_start"] - info["s_sample"] - info["s_reward"],
-               "s_step": t_end - info["t_start"]}
-        row.update({f"reward/{k}": float(v) for k, v in zip(info["parts"], stats[3:])})
+               "s_backward": t_end - times["t_start"] - times["s_sample"] - times["s_reward"],
+               "s_step": t_end - times["t_start"]}
+        row.update({f"reward/{k}": v for k, v in stats.parts.items()})
         return row
 
     @torch.no_grad()
@@ -302,7 +362,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     for step in range(resume.step, cfg.train.steps):
         _maybe_inject_fault(cfg, step, rank, out)
         row = w.train_step(step)
-        skipped += 1 - row["stepped"]
+        skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         row["skipped_total"] = skipped
         recent = (recent + [row["reward_mean"]])[-5:]
         row["reward_smooth"] = sum(recent) / len(recent)  # what sweeps rank and stop trials on
@@ -315,9 +375,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         ckpt = None
         if main:
             log.append(row)
-            print(f"[rayreward] step {step + 1}/{cfg.train.steps} | reward {row['reward_mean']:+.4f} "
-                  f"± {row['reward_std']:.4f} | loss {row['loss']:+.4f} | grad {row['grad_norm']:.2e} | "
-                  f"{row['s_step']:.2f} s/step" + ("" if row["stepped"] else " | SKIPPED (non-finite)"), flush=True)
+            print(progress_line(row, cfg.train.steps), flush=True)
             if checkpoint_now:
                 ckpt = Path(tempfile.mkdtemp(prefix="rayreward-ckpt-"))
                 write_checkpoint(ckpt, w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg)
@@ -329,6 +387,16 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
         evaluate.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
     return row
+
+
+def progress_line(row: dict, steps: int) -> str:
+    """The console line of one step; `step` counts from 0 as in metrics.csv, [n/N] is progress."""
+    note = ""
+    if not row["stepped"]:
+        note = " | SKIPPED (non-finite)" if row["trained_steps"] > 0 else " | no trained step: no update"
+    return (f"[rayreward] step {row['step']} [{row['step'] + 1}/{steps}] | reward {row['reward_mean']:+.4f} "
+            f"± {row['reward_std']:.4f} | loss {row['loss']:+.4f} | grad {row['grad_norm']:.2e} | "
+            f"{row['s_step']:.2f} s/step{note}")
 
 
 def _maybe_inject_fault(cfg, step: int, rank: int, out: Path) -> None:

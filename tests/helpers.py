@@ -39,3 +39,13 @@ def nan_on_step(device="cpu", bad_calls=(1,)):
         return r * torch.nan if bad else r
 
     return reward
+
+
+def detached_mean(device="cpu"):
+    """A reward computed off the graph (a common user mistake): no gradient reaches the images."""
+    return lambda images, prompts: images.detach().mean(dim=(1, 2, 3))
+
+
+def zero_gradient(device="cpu"):
+    """A reward on the graph whose gradient is zero everywhere."""
+    return lambda images, prompts: (images * 0).mean(dim=(1, 2, 3)) + 1.0

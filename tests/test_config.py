@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: each bad value gets a message with field, value, allowed."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,21 @@ def test_sample_cli_rejects_a_scale_that_is_not_a_number(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--lora", f"{tmp_path}:strong"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "the scale after ':' must be a number" in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=.nan", "sampling.guidance_scale=-.inf",
+                                      "loss.margin=.nan", "rewards.0.weight=.inf", "reward_server.num_gpus=.inf",
+                                      "reward_server.resources={reward_host: .inf}"])
+def test_non_finite_numbers_are_refused(override):
+    key = re.sub(r"\.(\d+)", r"[\1]", override.split("=")[0])  # rewards.0.weight -> rewards[0].weight
+    with pytest.raises(config.ConfigError, match=re.escape(key + ":")) as e:
+        config.from_dict({}, [override])
+    assert "finite" in str(e.value) or "not allowed" in str(e.value)
+
+
+def test_config_error_survives_pickling_across_processes():
+    import pickle
+
+    err = config.ConfigError(["method.k: 50 is larger than sampling.num_steps (10)", "lora.rank: -1"])
+    back = pickle.loads(pickle.dumps(err))
+    assert back.problems == err.problems and str(back) == str(err)

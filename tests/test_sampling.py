@@ -218,3 +218,22 @@ def test_no_grad_steps_do_not_build_a_graph_through_the_denoiser():
 
     sampling.sample(den, sch, torch.randn(1, 4, 3, 3, dtype=torch.float64), StepPlan(T, frozenset({2}), detach_input=True))
     assert seen == [False, True, False, False, False]
+
+
+@pytest.mark.parametrize("plan", [sampling.plan_draft(5), sampling.plan_draft_lv(5, 2)], ids=["draft", "draft_lv"])
+def test_per_sample_generators_make_a_sample_independent_of_its_batch(plan):
+    """Step noise (eta > 0) and DRaFT-LV's re-noising come from each sample's own generator: a
+    batch of 4 is the two batches of 2 side by side (what 2 data-parallel workers compute)."""
+    x_T = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    whole, *_ = run(plan, 5, x_T=x_T, eta=0.5, generator=gens(range(4)))
+    lo, *_ = run(plan, 5, x_T=x_T[:2], eta=0.5, generator=gens(range(2)))
+    hi, *_ = run(plan, 5, x_T=x_T[2:], eta=0.5, generator=gens(range(2, 4)))
+    n = whole.copies
+    split = torch.cat([torch.cat([lo.latents.view(n, 2, -1)[c], hi.latents.view(n, 2, -1)[c]]) for c in range(n)])
+    assert torch.equal(whole.latents.flatten(1), split)
+    # one shared generator (the old behaviour) does depend on the split
+    shared, *_ = run(plan, 5, x_T=x_T, eta=0.5, generator=torch.Generator().manual_seed(0))
+    lo_shared, *_ = run(plan, 5, x_T=x_T[:2], eta=0.5, generator=torch.Generator().manual_seed(0))
+    hi_shared, *_ = run(plan, 5, x_T=x_T[2:], eta=0.5, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(shared.latents.view(n, 4, -1)[0, 2:], hi_shared.latents.view(n, 2, -1)[0])

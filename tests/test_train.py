@@ -40,7 +40,7 @@ def test_every_method_trains_on_both_flavours(tmp_path, model, method, trained):
     last = train.run_training(cfg)
     log = rows(tmp_path / "metrics.csv")
     assert [int(r["step"]) for r in log] == [0, 1]
-    assert {int(r["trained_steps"]) for r in log} <= trained
+    assert {int(float(r["trained_steps"])) for r in log} <= trained
     assert all(int(r["stepped"]) == 1 for r in log) and last["grad_norm"] > 0
     for f in ["grid_start.png", "grid_end.png", "reward_curve.png", f"lora/{models.LORA_WEIGHT_NAME}"]:
         assert (tmp_path / f).is_file(), f
@@ -114,3 +114,58 @@ def test_sample_cli_renders_a_grid_with_scaled_loras(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--lora", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "g2.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("method,eta", [("draft", 0.5), ("draft_lv", 0.0), ("draft_lv", 0.5)])
+def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta):
+    """Worker 1 of 2 (batch 2) samples exactly rows 2..3 of 1 worker with batch 4, step noise and
+    DRaFT-LV copies included (both are drawn per global sample)."""
+    common = [f"method.name={method}", f"sampling.eta={eta}"]
+    one = train.Worker(quick_cfg(tmp_path, "train.batch_size=4", *common), torch.device("cpu"))
+    two = train.Worker(quick_cfg(tmp_path, "train.batch_size=2", *common), torch.device("cpu"), rank=1, world=2)
+    _, _, res_one = one.forward_backward(3)
+    _, _, res_two = two.forward_backward(3)
+    n = res_one.copies
+    want = res_one.latents.detach().view(n, 4, -1)[:, 2:]
+    assert torch.allclose(res_two.latents.detach().view(n, 2, -1), want, atol=1e-6, rtol=0)
+
+
+def test_draft_lv_hinge_loss_is_the_mean_of_the_copies_losses():
+    """Rewards 1.0 and 3.4 for the two copies of one sample, hinge margin 2: the copies' losses
+    are 1.0 and 0.0, so the loss is 0.5 (the hinge of the mean reward 2.2 would be 0)."""
+    from rayreward.rewards import CompositeReward, reward_and_loss
+
+    first_pixel = CompositeReward(["r"], [1.0], [lambda images, prompts: images.flatten(1)[:, 0]])
+    images = torch.zeros(2, 3, 2, 2)
+    images[0, 0, 0, 0], images[1, 0, 0, 0] = 1.0, 3.4  # copy 0 and copy 1 of sample 0
+    loss, r, _ = reward_and_loss(first_pixel, LossConfig("hinge", margin=2.0), images, ["p"], copies=2)
+    assert float(loss) == pytest.approx(0.5) and float(r[0]) == pytest.approx(2.2)
+    loss, _, _ = reward_and_loss(first_pixel, LossConfig("absolute", margin=2.0), images, ["p"], copies=2)
+    assert float(loss) == pytest.approx((1.0 + 1.4) / 2)
+
+
+def test_a_step_that_trains_nothing_leaves_the_lora_untouched(tmp_path):
+    """DRTune with K = 1: when the one trained step falls after the early stop, no UNet call
+    carries gradient; the optimizer must not step (AdamW would move the LoRA on momentum)."""
+    from rayreward import sampling
+
+    cfg = quick_cfg(tmp_path, "method.k=1", "method.early_stop_m=4", "train.steps=8")
+    empty = [s for s in range(8) if not sampling.make_plan(
+        cfg.method, 4, 2, torch.Generator().manual_seed(train._seed(cfg.train.seed, s, "plan"))).grad_steps]
+    first = next(s for s in empty if s > 0)  # an empty step after trained ones: AdamW has momentum
+    w = train.Worker(cfg, torch.device("cpu"))
+    for step in range(first + 1):
+        before = [p.detach().clone() for p in w.params]
+        row = w.train_step(step)
+    assert row["trained_steps"] == 0 and row["stepped"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, w.params))
+    assert "no trained step" in train.progress_line(row, 8)
+
+
+@pytest.mark.parametrize("reward,needle", [("helpers:detached_mean", "does not depend on the images"),
+                                           ("helpers:zero_gradient", "gradient with respect to the images is zero")])
+def test_a_reward_without_gradient_stops_on_the_first_step(tmp_path, reward, needle):
+    cfg = quick_cfg(tmp_path, f"rewards=[{{name: '{reward}'}}]", "method.name=draft_k")
+    with pytest.raises(train.RewardGradientError, match=needle):
+        train.run_training(cfg)
+    assert not (tmp_path / "lora").exists()
