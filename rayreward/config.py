@@ -25,6 +25,7 @@ FLAVOURS = ("auto", "sd", "sdxl")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_KINDS = ("linear", "hinge", "absolute")
 REWARD_MODES = ("local", "remote")
+RESUME_MODES = ("auto", "force")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -115,6 +116,13 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel); the global batch is num_workers * batch_size
     use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers use gloo
     max_failures: int = 0  # worker-group restarts (from the latest checkpoint) before the run fails
+    # a run started again in the same output_dir resumes from its latest checkpoint. "auto": only
+    # when the checkpoint was trained with the same config (else an error lists what differs);
+    # "force": resume with the new values anyway, recorded in OUTPUT_DIR/resumes.jsonl
+    resume: str = "auto"
+    # seconds to wait for the cluster to place the workers and reward actors (autoscaling
+    # included) before the run stops with a message naming what is missing
+    start_timeout_s: float = 600.0
     fail_at_step: int | None = None  # fault injection for tests: rank 0 dies once at this step
 
 
@@ -340,6 +348,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"reward_server.resources: {bad} is not allowed; need {{name: amount >= 0}}")
     if rs.max_restarts < -1:
         p.append(f"reward_server.max_restarts: {rs.max_restarts} is not allowed; need >= 0, or -1 for unlimited")
+    if not t.start_timeout_s > 0:
+        p.append(f"train.start_timeout_s: {t.start_timeout_s} is not allowed; need seconds > 0")
+    if t.resume not in RESUME_MODES:
+        p.append(f"train.resume: {t.resume!r} is unknown; allowed: {', '.join(RESUME_MODES)}")
     if t.mixed_precision not in PRECISIONS:
         p.append(f"train.mixed_precision: {t.mixed_precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
 

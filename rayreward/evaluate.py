@@ -161,12 +161,12 @@ def run_eval(cfg, loras: Sequence[tuple[str, str, float]], reward_specs, prompts
     import ray
     from PIL import Image
 
-    from rayreward import train
+    from rayreward import runtime
     from rayreward.serving import start_reward_servers
 
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    amp = train.autocast_dtype(cfg.train.mixed_precision, device)
+    amp = runtime.autocast_dtype(cfg.train.mixed_precision, device)
     c = models.load_components(cfg.model)
     for i, (_, path, _) in enumerate(loras):
         models.load_lora(c.unet, path, f"eval{i}")
@@ -196,7 +196,7 @@ def run_eval(cfg, loras: Sequence[tuple[str, str, float]], reward_specs, prompts
         arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         for k, a in enumerate(arr):
             Image.fromarray(np.ascontiguousarray(a)).save(d / f"p{k // len(seeds):03d}_s{seeds[k % len(seeds)]}.png")
-    train.init_ray()
+    runtime.init_ray()
     actors = start_reward_servers(cfg)
     rows = []
     try:

@@ -446,11 +446,13 @@ def _lora_metadata(path) -> dict | None:
     return json.loads(raw) if raw else None  # keys "unet.r", ...: the loader strips its prefix
 
 
-def load_lora_weights_into(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Copy saved LoRA weights into an existing adapter (resume); names and shapes must match."""
+def load_lora_weights_into(unet: torch.nn.Module, source: str | os.PathLike | dict, adapter_name: str = "default",
+                           what: str = "checkpoint") -> None:
+    """Copy saved LoRA weights (a file/folder, or a state already read by `read_lora_state`) into
+    an existing adapter (resume); names and shapes must match, every tensor must be used."""
     from peft.utils import set_peft_model_state_dict
 
-    state = read_lora_state(path)
+    state, path = (source, what) if isinstance(source, dict) else (read_lora_state(source), source)
     _check_shapes(unet, state, path)
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     _assert_all_used(unet, state, adapter_name, path)

@@ -87,7 +87,16 @@ def start_reward_servers(cfg) -> list:
     specs = [vars(s) for s in cfg.rewards]
     actors = [actor.remote(specs, vars(cfg.loss), device, rs.fail_after_calls if i == 0 else None)
               for i in range(rs.replicas)]
-    ray.get([a.pid.remote() for a in actors])  # fail here, at start-up, if they cannot be placed or built
+    try:  # fail here, at start-up, if they cannot be placed or built
+        ray.get([a.pid.remote() for a in actors], timeout=cfg.train.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        from rayreward.runtime import ClusterError
+
+        raise ClusterError(f"the reward actors did not start within train.start_timeout_s={cfg.train.start_timeout_s:g} s "
+                           f"(each asks for {rs.num_cpus:g} CPU, {rs.num_gpus:g} GPU, {dict(rs.resources)}); see "
+                           "`ray status`") from None
     return actors
 
 

@@ -24,11 +24,10 @@ from typing import Callable
 import torch
 
 from rayreward import config as config_mod
-from rayreward import evaluate, models, sampling
+from rayreward import evaluate, models, runfolder, runtime, sampling
+from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
 from rayreward.rewards import build_composite, reward_and_loss
 
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,12 +50,6 @@ def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimi
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return stepped, float(norm)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or precision == "no":
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,29 +88,6 @@ class MetricsLog:
 
 # ---------------------------------------------------------------------------------------------
 # The loop.
-
-
-@dataclass
-class Resume:
-    step: int = 0  # the next step to run
-    skipped: int = 0
-    lora_dir: str | None = None
-    optimizer_state: dict | None = None
-
-
-def read_checkpoint(folder: str | os.PathLike) -> Resume:
-    folder = Path(folder)
-    state = json.loads((folder / STATE_FILE).read_text())
-    opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    return Resume(int(state["step"]), int(state["skipped"]), str(folder / "lora"), opt)
-
-
-def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, skipped: int, cfg) -> Path:
-    models.save_lora(unet, folder / "lora", flavour)
-    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    (folder / STATE_FILE).write_text(json.dumps({"step": step, "skipped": skipped, "seed": cfg.train.seed}))
-    config_mod.dump(cfg, folder / "config.yaml")
-    return folder
 
 
 def _seed(*parts) -> int:
@@ -212,7 +182,7 @@ class Worker:
 
     def __post_init__(self):
         cfg = self.cfg
-        self.amp = autocast_dtype(cfg.train.mixed_precision, self.device)
+        self.amp = runtime.autocast_dtype(cfg.train.mixed_precision, self.device)
         self.c = models.load_components(cfg.model)
         if self.amp is not None:
             self.c.unet.to(self.amp)
@@ -233,8 +203,13 @@ class Worker:
         self._reward_checked = False  # the first grad-carrying step checks the reward has a gradient
 
     def restore(self, resume: Resume):
-        models.load_lora_weights_into(self.c.unet, resume.lora_dir)
+        """LoRA and AdamW moments from a checkpoint; the hyper-parameters are this config's (the
+        optimizer state would otherwise bring back the learning rate it was saved with)."""
+        models.load_lora_weights_into(self.c.unet, resume.lora_state, what=f"checkpoint {resume.folder}")
         self.optimizer.load_state_dict(resume.optimizer_state)
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group.update(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     def draw_batch(self, step: int):
         """This worker's share of step `step`'s global batch: prompts, x_T, the step plan and the
@@ -341,7 +316,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     out = Path(cfg.output_dir)
     resume = resume or Resume()
     w = Worker(cfg, torch.device(device), rank, world, reward_actors)
-    if resume.lora_dir:
+    if resume.lora_state is not None:
         w.restore(resume)
     w.sync.broadcast_from_rank0()
     grid_prompts = cfg.grid.prompts or w.prompts[:4]
@@ -372,16 +347,18 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
             row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
             assert row["lora_divergence"] < 1e-6 * max(1.0, float(sum(p.detach().abs().sum() for p in w.params))), \
                 f"workers' LoRA weights diverged ({row['lora_divergence']:.3g}): gradient sync is broken"
-        ckpt = None
         if main:
             log.append(row)
             print(progress_line(row, cfg.train.steps), flush=True)
             if checkpoint_now:
-                ckpt = Path(tempfile.mkdtemp(prefix="rayreward-ckpt-"))
-                write_checkpoint(ckpt, w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg)
                 evaluate.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
-        if report is not None:
-            report(row, ckpt)
+        if report is None:
+            continue
+        if main and checkpoint_now:  # staged in a temporary folder that Ray copies to storage
+            with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
+                report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg))
+        else:
+            report(row, None)
     if main:
         models.save_lora(w.c.unet, out / "lora", w.c.flavour)
         evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
@@ -415,8 +392,8 @@ def _maybe_inject_fault(cfg, step: int, rank: int, out: Path) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: everything arrives through `loop_config` (the Config as a dict, and the
-    reward actors' handles when rewards are remote)."""
+    """Ray Train entry: everything arrives through `loop_config` (the Config as a dict, the reward
+    actors' handles when rewards are remote, and the checkpoint the driver chose to resume)."""
     import ray.train
     import ray.train.torch
 
@@ -426,10 +403,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = config_mod.from_dict(loop_config["config"])
     ctx = ray.train.get_context()  # [1] who am I: rank and world size (gloo/nccl group is up)
     resume = None
-    ckpt = ray.train.get_checkpoint()  # [2] resume from the latest checkpoint, if any
-    if ckpt is not None:
+    ckpt = ray.train.get_checkpoint()  # [2] Ray's latest checkpoint: after a worker-group restart, this run's
+    if ckpt is not None and Path(ckpt.path).name not in loop_config.get("skip_checkpoints", ()):
         with ckpt.as_directory() as d:
             resume = read_checkpoint(d)
+    elif loop_config.get("resume_from"):  # the driver's pick: Ray's latest is unreadable, or unknown to Ray
+        resume = read_checkpoint(loop_config["resume_from"])
 
     def report(row: dict, folder: Path | None) -> None:  # [3] every worker, every step
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
@@ -440,90 +419,72 @@ def train_loop_per_worker(loop_config: dict) -> None:
                  resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
 
 
-# Ray Train V2 re-routes worker print() through logging and tees it: each line would show twice.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-
-def init_ray() -> bool:
-    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
-    Returns True when this process started a fixed-size local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, log_to_driver=True)
-    return not address
-
-
-def resources_needed(cfg) -> dict[str, float]:
-    """What the run asks of the cluster: Ray Train workers (1 CPU, and 1 GPU with use_gpu, each)
-    plus the reward actors."""
-    t, rs = cfg.train, cfg.reward_server
-    need = {"CPU": float(t.num_workers), "GPU": float(t.num_workers if t.use_gpu else 0)}
-    if rs.mode == "remote":
-        need["CPU"] += rs.replicas * rs.num_cpus
-        need["GPU"] += rs.replicas * rs.num_gpus
-        for k, v in rs.resources.items():
-            need[k] = need.get(k, 0.0) + rs.replicas * v
-    return {k: v for k, v in need.items() if v > 0}
-
-
-def check_resources(cfg, have: dict[str, float], fixed: bool) -> None:
-    """A clear error (fixed-size cluster) or warning (autoscaling may add nodes) when the run asks
-    for more than the cluster has; otherwise the trainer would wait forever."""
-    short = {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
-    if not short:
-        return
-    text = "; ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
-    hint = ("train.num_workers x (1 CPU, +1 GPU with train.use_gpu) + reward_server.replicas x "
-            "(reward_server.num_cpus, num_gpus, resources)")
-    if fixed:
-        raise config_mod.ConfigError([f"resources: {text}. The run asks for {hint}"])
-    print(f"[rayreward] waiting for the autoscaler: {text}", flush=True)
+def prepare_run(cfg: config_mod.Config) -> config_mod.Config:
+    """The config the workers get: a copy, with output_dir absolute and the prompts read here
+    (the workers may not see the driver's files). The caller's config is left as it was."""
+    run = config_mod.from_dict(cfg.to_dict())
+    run.output_dir = str(Path(cfg.output_dir).resolve())
+    run.prompts, run.prompt_file = cfg.training_prompts(), None
+    return run
 
 
 def fit(cfg: config_mod.Config, callbacks: list | None = None):
-    """Driver: join or start Ray, start the reward actors, run the TorchTrainer, return its Result.
-    `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
+    """Driver: lock the output folder, check what it holds and what to resume, join or start Ray,
+    wait (bounded) for the resources, start the reward actors, run the TorchTrainer, return its
+    Result. `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayreward.serving import start_reward_servers
 
-    out = Path(cfg.output_dir).resolve()
-    cfg.output_dir = str(out)
-    cfg.prompts, cfg.prompt_file = cfg.training_prompts(), None  # the workers get the prompts themselves
-    out.mkdir(parents=True, exist_ok=True)  # run_training (rank 0) writes config.yaml there
-    if cfg.model.name in config_mod.TINY_MODELS:
-        models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
-    if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
-        from rayreward.reward_models import tiny_clip_dir
+    cfg = prepare_run(cfg)
+    out = Path(cfg.output_dir)
+    with runfolder.RunLock(out):
+        plan = runfolder.prepare(cfg, out)  # refuses another run's folder or a changed config
+        for w in plan.warnings:
+            print(f"[rayreward] warning: {w}", flush=True)
+        if cfg.model.name in config_mod.TINY_MODELS:
+            models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
+        if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
+            from rayreward.reward_models import tiny_clip_dir
 
-        tiny_clip_dir()
-    fixed = init_ray()
-    check_resources(cfg, ray.cluster_resources(), fixed)
-    actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
-    env = dict(WORKER_ENV, **{k: os.environ[k] for k in ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ})
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "reward_actors": actors},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
-        run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             worker_runtime_env={"env_vars": env}, callbacks=callbacks or [],
-                             logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
-    )
+            tiny_clip_dir()
+        fixed = runtime.init_ray()
+        runtime.check_resources(cfg, ray.cluster_resources(), fixed)
+        runtime.wait_for_resources(cfg)
+        runtime.shorten_report_poll()
+        actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"config": cfg.to_dict(), "reward_actors": actors,
+                               "resume_from": plan.resume.folder if plan.resume else None,
+                               "skip_checkpoints": plan.skip},
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+            run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                 worker_runtime_env={"env_vars": runtime.worker_env()}, callbacks=callbacks or [],
+                                 logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
+        )
+        try:
+            return trainer.fit()
+        finally:
+            if actors:
+                _stop_reward_servers(actors, out)
+
+
+def _stop_reward_servers(actors: list, out: Path) -> None:
+    """Record the reward actors' state (restarts) in reward_servers.json, then end them."""
+    import ray
+
     try:
-        return trainer.fit()
-    finally:
-        if actors:
-            states = [ray.get(a.info.remote(), timeout=30) for a in actors]
-            (out / "reward_servers.json").write_text(json.dumps(states, indent=1))
-            for i, st in enumerate(states):
-                if st["restarted"]:
-                    print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
-            for a in actors:
-                ray.kill(a)
+        states = ray.get([a.info.remote() for a in actors], timeout=30)
+    except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
+        states = [{"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}]
+    (out / "reward_servers.json").write_text(json.dumps(states, indent=1))
+    for i, st in enumerate(states):
+        if st.get("restarted"):
+            print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
+    for a in actors:
+        ray.kill(a)

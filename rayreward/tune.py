@@ -190,12 +190,12 @@ def _param_space(sweep: SweepConfig, sweep_dir: Path) -> dict:
 
 def concurrency(sweep: SweepConfig, have: dict[str, float], fixed: bool) -> int:
     """How many trials fit at once; a clear error when not even one does on a fixed-size cluster."""
-    from rayreward import train
+    from rayreward import runtime
 
     worst: dict[str, float] = {}
     for assignment in _extremes(sweep):  # resources can depend on swept fields (num_workers, replicas)
         cfg = trial_config(sweep.base, assignment, sweep.output_dir, sweep.name)
-        need = train.resources_needed(cfg)
+        need = runtime.resources_needed(cfg)
         need["CPU"] = need.get("CPU", 0.0) + DRIVER_CPU
         for k, v in need.items():
             worst[k] = max(worst.get(k, 0.0), v)
@@ -226,7 +226,7 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rayreward import train
+    from rayreward import runtime
 
     out = Path(sweep.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -234,7 +234,7 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
         from rayreward import models
 
         models.resolve_source(config_mod.from_dict(sweep.base).model)  # build the tiny cache once
-    fixed = train.init_ray()
+    fixed = runtime.init_ray()
     n = concurrency(sweep, ray.cluster_resources(), fixed)
     steps = int(sweep.base["train"]["steps"])
     scheduler = None

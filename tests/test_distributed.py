@@ -6,32 +6,46 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayreward import config, models, serving, train
+from rayreward import config, models, runtime, serving, train
 
 from helpers import quick_cfg, rows
 
 
-def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ray_session):
+@pytest.mark.parametrize("method", [
+    # K = 1 with an early stop: steps 0 and 5 train nothing (no worker may step the optimizer)
+    ["method.name=drtune", "method.k=1", "method.early_stop_m=4"],
+    ["method.name=draft_lv"],  # the re-noised copies, drawn per sample
+], ids=["drtune_empty_steps", "draft_lv"])
+def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ray_session, method):
     # AdamW's first update is ~lr * sign(g): a gradient at float-noise level (1e-10) could flip
-    # sign between the two summation orders; eps=1e-6 keeps such noise from being amplified
-    steps = ["train.steps=3", "train.checkpoint_every=1", "optim.eps=1e-6"]
+    # sign between the two summation orders; eps=1e-6 keeps such noise from being amplified.
+    # eta = 0.5: every step draws noise, per global sample.
+    steps = ["train.steps=6", "train.checkpoint_every=3", "optim.eps=1e-6", "sampling.eta=0.5", *method]
     two = quick_cfg(tmp_path / "two", "train.num_workers=2", "train.batch_size=2", *steps)
     result = train.fit(two)
     assert result.error is None
     log = rows(tmp_path / "two/metrics.csv")
-    assert [float(r["lora_divergence"]) for r in log] == [0.0, 0.0, 0.0]  # both workers hold the same LoRA
+    assert [float(r["lora_divergence"]) for r in log if r["lora_divergence"]] == [0.0, 0.0]  # both workers alike
 
     one = quick_cfg(tmp_path / "one", "train.num_workers=1", "train.batch_size=4", *steps)
     train.run_training(one)  # one worker, the union of both workers' batches
     a = load_file(tmp_path / "two/lora" / models.LORA_WEIGHT_NAME)
     b = load_file(tmp_path / "one/lora" / models.LORA_WEIGHT_NAME)
     assert a.keys() == b.keys()
-    moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k or "lora.up" in k)
+    moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
     assert moved > 1e-3  # training did change the LoRA
-    for k in a:  # 5e-5 is 0.5 % of one step's largest update (lr = 1e-2); measured 1.2e-5
-        assert torch.allclose(a[k], b[k], atol=5e-5, rtol=0), (k, (a[k] - b[k]).abs().max())
-    for r1, r2 in zip(log, rows(tmp_path / "one/metrics.csv")):
+    # a step's update is ~lr = 1e-2 per weight (AdamW), and a wrong momentum-only step ~2/3 of
+    # that; summation order between 1 and 2 workers leaves float noise that AdamW amplifies
+    # (measured up to 6.3e-5 after 6 steps), so 2e-4 (2 % of one update) separates the two
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"largest LoRA difference, 2 workers vs 1: {worst:.2e}")
+    assert worst < 2e-4, worst
+    one_log = rows(tmp_path / "one/metrics.csv")
+    for r1, r2 in zip(log, one_log):
         assert float(r1["reward_mean"]) == pytest.approx(float(r2["reward_mean"]), abs=1e-5)
+        assert r1["stepped"] == r2["stepped"]
+    if "method.k=1" in method:  # the case this parametrisation is for: an empty step after trained ones
+        assert any(r["stepped"] == "0" and float(r["trained_steps"]) == 0 for r in log[1:]), log
 
 
 def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
@@ -44,7 +58,7 @@ def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
         remote = train.Worker(cfg, torch.device("cpu"), reward_actors=actors)
         s_local, _, _ = local.forward_backward(0)
         s_remote, _, _ = remote.forward_backward(0)
-        assert torch.allclose(s_local, s_remote, rtol=1e-5, atol=1e-7)  # loss, reward, components
+        assert torch.allclose(s_local.pack(), s_remote.pack(), rtol=1e-5, atol=1e-7)  # loss, reward, components
         g_local = torch.cat([p.grad.flatten() for p in local.params])
         g_remote = torch.cat([p.grad.flatten() for p in remote.params])
         assert g_local.abs().max() > 0
@@ -88,11 +102,11 @@ def test_remote_mode_rejects_unplaceable_reward_servers_at_validation():
 def test_more_resources_than_a_fixed_cluster_has_is_a_clear_error():
     cfg = config.from_dict({}, ["train.num_workers=3", "reward_server.mode=remote", "reward_server.num_gpus=1",
                                 "reward_server.resources={reward_host: 1}"])
-    assert train.resources_needed(cfg) == {"CPU": 4.0, "GPU": 1.0, "reward_host": 1.0}
+    assert runtime.resources_needed(cfg) == {"CPU": 4.0, "GPU": 1.0, "reward_host": 1.0}
     with pytest.raises(config.ConfigError) as e:
-        train.check_resources(cfg, {"CPU": 2.0}, fixed=True)
+        runtime.check_resources(cfg, {"CPU": 2.0}, fixed=True)
     msg = str(e.value)
     assert "CPU: needs 4, the cluster has 2" in msg and "GPU: needs 1, the cluster has 0" in msg
     assert "reward_host: needs 1, the cluster has 0" in msg
-    train.check_resources(cfg, {"CPU": 2.0}, fixed=False)  # an autoscaling cluster: a warning only
-    train.check_resources(cfg, {"CPU": 8.0, "GPU": 1.0, "reward_host": 1.0}, fixed=True)
+    runtime.check_resources(cfg, {"CPU": 2.0}, fixed=False)  # an autoscaling cluster: a warning only
+    runtime.check_resources(cfg, {"CPU": 8.0, "GPU": 1.0, "reward_host": 1.0}, fixed=True)

@@ -85,10 +85,10 @@ def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """All randomness of a step comes from (seed, step, rank): 2 steps + resume + 2 steps == 4 steps."""
     train.run_training(quick_cfg(tmp_path / "full", "train.steps=4"))
-    saved = {}
+    saved = {}  # the staged checkpoint folder is removed once reported: read it in the callback
     train.run_training(quick_cfg(tmp_path / "part", "train.steps=2"),
-                       report=lambda row, folder: folder and saved.update(dir=folder))
-    train.run_training(quick_cfg(tmp_path / "part", "train.steps=4"), resume=train.read_checkpoint(saved["dir"]))
+                       report=lambda row, folder: folder and saved.update(resume=train.read_checkpoint(folder)))
+    train.run_training(quick_cfg(tmp_path / "part", "train.steps=4"), resume=saved["resume"])
     full, part = rows(tmp_path / "full/metrics.csv"), rows(tmp_path / "part/metrics.csv")
     assert [int(r["step"]) for r in part] == [0, 1, 2, 3]
     for a, b in zip(full, part):

@@ -1,0 +1,234 @@
+"""A run's output folder: one run per folder, one process at a time, and what a restart resumes.
+
+    OUTPUT_DIR/
+      config.yaml              the run's resolved config; its `name` is the folder's owner
+      metrics.csv  *.png  lora/
+      ray/NAME/checkpoint_*/   checkpoints: lora/, optimizer.pt, trainer_state.json, config.yaml
+      resumes.jsonl            a line per resume that changed the config (train.resume=force)
+      .rayreward.lock          held (flock) by the driver of the run in progress
+
+The driver calls `prepare` before Ray or any model starts: it takes the lock, refuses a folder
+that belongs to a run of another name, picks the newest checkpoint that reads back whole
+(falling back past a corrupt one, with a warning), and refuses to resume when the checkpoint
+was trained with another config, unless `train.resume: force`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rayreward import config as config_mod
+
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".rayreward.lock"
+RESUMES_FILE = "resumes.jsonl"
+
+# Fields that may change between a run and its resume: how long it runs, how often it saves,
+# where and on what hardware, how rewards are hosted, what the grids show. Every other field
+# shapes what is trained, so a resume with another value would mix two runs.
+FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.checkpoint_every", "train.max_failures",
+                  "train.fail_at_step", "train.use_gpu", "train.mixed_precision", "train.resume",
+                  "reward_server.", "grid.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read back; the message names the file."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another process is running in this output folder."""
+
+
+@dataclass
+class Resume:
+    step: int = 0  # the next step to run
+    skipped: int = 0  # non-finite steps skipped so far
+    lora_state: dict | None = None  # peft-named LoRA tensors, checked finite
+    optimizer_state: dict | None = None
+    folder: str | None = None  # the checkpoint it came from
+    config: dict = field(default_factory=dict)  # the config the checkpoint was trained with
+
+
+def read_checkpoint(folder: str | os.PathLike) -> Resume:
+    """Read a checkpoint whole (state, LoRA, optimizer, config), or raise CheckpointError naming
+    the broken file. Nothing pickled runs: safetensors, and torch.load(weights_only=True)."""
+    import torch
+
+    from rayreward import models
+
+    folder = Path(folder)
+    f = folder / STATE_FILE
+    try:
+        state = json.loads(f.read_text())
+        step, skipped = int(state["step"]), int(state["skipped"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+    try:
+        lora = models.read_lora_state(folder / "lora")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'lora'}: {e}") from None
+    f = folder / OPTIMIZER_FILE
+    try:
+        opt = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    f = folder / CONFIG_FILE
+    try:
+        cfg = yaml.safe_load(f.read_text()) if f.exists() else {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    return Resume(step, skipped, lora, opt, str(folder), cfg or {})
+
+
+def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, skipped: int, cfg) -> Path:
+    import torch
+
+    from rayreward import models
+
+    models.save_lora(unet, folder / "lora", flavour)
+    torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "skipped": skipped, "seed": cfg.train.seed}))
+    config_mod.dump(cfg, folder / CONFIG_FILE)
+    return folder
+
+
+def checkpoint_folders(out: Path, name: str) -> list[Path]:
+    """The run's checkpoints, newest first (Ray names them checkpoint_<timestamp>)."""
+    root = out / "ray" / name
+    return sorted((p for p in root.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_usable(out: Path, name: str) -> tuple[Resume | None, dict[str, str]]:
+    """The newest checkpoint that reads back whole, and {folder name: what is wrong} for each
+    broken newer one. Raises CheckpointError when there are checkpoints and none is usable."""
+    broken: dict[str, str] = {}
+    for folder in checkpoint_folders(out, name):
+        try:
+            return read_checkpoint(folder), broken
+        except CheckpointError as e:
+            broken[folder.name] = str(e)
+    if broken:
+        raise CheckpointError(f"no checkpoint of run {name!r} can be read back: " + "; ".join(broken.values())
+                              + f". Move {out / 'ray' / name} away to start the run over, or use a new output_dir")
+    return None, {}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "args":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """Training-relevant fields whose value differs: {field: (old, new)}. Training prompts are
+    compared resolved (a prompt_file is read)."""
+    def norm(d: dict) -> dict:
+        d = dict(d)
+        if d.get("prompt_file"):
+            d["prompts"] = config_mod.from_dict({"prompts": ["x"], "prompt_file": d["prompt_file"]}).training_prompts()
+        d.pop("prompt_file", None)
+        return _flatten(d)
+
+    a, b = norm(old), norm(new)
+    keys = list(dict.fromkeys([*a, *b]))
+    free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in FREE_ON_RESUME)  # noqa: E731
+    return {k: (a.get(k), b.get(k)) for k in keys if not free(k) and a.get(k) != b.get(k)}
+
+
+class RunLock:
+    """An exclusive flock on OUTPUT_DIR/.rayreward.lock for the life of a run's driver; released
+    by the OS when the process ends, however it ends. (flock may not be enforced across hosts
+    on every network filesystem.)"""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderBusy(f"output_dir {str(self.path.parent)!r} is in use by another rayreward run ({holder}); "
+                                "two runs in one folder would interleave metrics.csv and checkpoints. Wait for it to "
+                                "finish, or set output_dir to another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass
+class Plan:
+    """What a run in a folder starts from."""
+
+    resume: Resume | None  # None: a new run
+    warnings: list[str] = field(default_factory=list)
+    skip: list[str] = field(default_factory=list)  # checkpoint folder names that are broken
+
+
+def prepare(cfg, out: Path) -> Plan:
+    """Checks before a run starts in `out` (lock held by the caller): the folder is this run's,
+    and what it resumes from. Raises ConfigError for a folder of another run or a changed config,
+    CheckpointError when no checkpoint reads back."""
+    f = out / CONFIG_FILE
+    if f.is_file():
+        try:
+            owner = (yaml.safe_load(f.read_text()) or {}).get("name")
+        except yaml.YAMLError:
+            owner = None
+        if owner and owner != cfg.name:
+            raise config_mod.ConfigError([
+                f"output_dir: {str(out)!r} holds the run {owner!r}; a run named {cfg.name!r} would overwrite its "
+                f"metrics.csv, grids and LoRA. Set output_dir to a new folder for a new run (or name: {owner} to "
+                "resume that run)"])
+    resume, broken = latest_usable(out, cfg.name)
+    if resume is None:
+        return Plan(None)
+    warnings = [f"skipping a broken checkpoint ({why}); resuming from the one before it, at step {resume.step}"
+                for why in broken.values()]
+    changes = config_changes(resume.config, cfg.to_dict()) if resume.config else {}
+    if changes and cfg.train.resume != "force":
+        lines = [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changes.items()]
+        raise config_mod.ConfigError(
+            [f"output_dir: {str(out)!r} holds run {cfg.name!r} at step {resume.step}, trained with another config:"]
+            + lines + ["to resume it anyway with the new values, add --set train.resume=force (the change is "
+                       f"recorded in {RESUMES_FILE}); for a new run, set output_dir to a new folder"])
+    if changes:
+        with (out / RESUMES_FILE).open("a") as fh:
+            fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": resume.step,
+                                 "checkpoint": resume.folder,
+                                 "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
+        warnings.append(f"train.resume=force: resuming at step {resume.step} with changed "
+                        + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    return Plan(resume, warnings, list(broken))

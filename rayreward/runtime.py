@@ -1,0 +1,157 @@
+"""The Ray side of a run, shared by `train`, `tune` and `eval`: joining or starting Ray, what a
+run asks of the cluster, waiting for it with a deadline, and the autocast choice.
+
+Every wait here ends: an unreachable RAY_ADDRESS fails in seconds, and resources the cluster
+cannot provide fail after `train.start_timeout_s` with a message that names what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from urllib.parse import urlparse
+
+import torch
+
+from rayreward import config as config_mod
+
+# Ray Train V2 re-routes worker print() through logging and tees it: each line would show twice.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Train V2's controller collects worker reports on a poll of this many seconds (default 2)
+# through a one-slot queue, so a report per step caps a run at one step per poll. The driver
+# sets a short poll unless the user set one; Ray propagates it to the controller and workers.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = "0.05"
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot be reached or cannot provide what the run needs."""
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "no":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def check_address(address: str, timeout_s: float = 5.0) -> None:
+    """A clear error for a RAY_ADDRESS that is empty, malformed, a dashboard URL, or not
+    reachable within `timeout_s` (ray.init would retry it for minutes, ignoring SIGTERM)."""
+    a = address.strip()
+    if not a:
+        raise ClusterError("RAY_ADDRESS is set but empty. Unset it to start a local Ray, or set it to the "
+                           "cluster's address (host:6379, ray://host:10001, or auto)")
+    if a in ("auto", "local"):
+        return
+    if a.startswith(("http://", "https://")):
+        raise ClusterError(f"RAY_ADDRESS={address!r} is a dashboard / job-server URL, which `ray job submit` takes. "
+                           "`rayreward train` joins a cluster at its GCS address (host:6379) or through Ray Client "
+                           "(ray://host:10001); inside `ray job submit` Ray sets it for you")
+    parsed = urlparse(a if "://" in a else f"gcs://{a}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host, port = None, None
+    if parsed.scheme not in ("gcs", "ray") or not host or not port:
+        raise ClusterError(f"RAY_ADDRESS={address!r} is not an address Ray can join; expected host:port "
+                           "(e.g. 10.0.0.1:6379), ray://host:port, or auto")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(f"RAY_ADDRESS={address!r}: nothing answers at {host}:{port} ({e.strerror or e}). Is the "
+                           "cluster up (`ray status` on its head node)? Unset RAY_ADDRESS to run on a local Ray") from None
+
+
+def init_ray() -> bool:
+    """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
+    Returns True when this process started a fixed-size local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address is not None:
+        check_address(address)
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"could not join Ray at RAY_ADDRESS={address!r}: {str(e).splitlines()[0]}") from None
+    return not address
+
+
+def resources_needed(cfg) -> dict[str, float]:
+    """What the run asks of the cluster: Ray Train workers (1 CPU, and 1 GPU with use_gpu, each)
+    plus the reward actors."""
+    t, rs = cfg.train, cfg.reward_server
+    need = {"CPU": float(t.num_workers), "GPU": float(t.num_workers if t.use_gpu else 0)}
+    if rs.mode == "remote":
+        need["CPU"] += rs.replicas * rs.num_cpus
+        need["GPU"] += rs.replicas * rs.num_gpus
+        for k, v in rs.resources.items():
+            need[k] = need.get(k, 0.0) + rs.replicas * v
+    return {k: v for k, v in need.items() if v > 0}
+
+
+HINT = ("train.num_workers x (1 CPU, +1 GPU with train.use_gpu) + reward_server.replicas x "
+        "(reward_server.num_cpus, num_gpus, resources)")
+
+
+def check_resources(cfg, have: dict[str, float], fixed: bool) -> None:
+    """A clear error (fixed-size cluster) or a note (autoscaling may add nodes; `wait_for_resources`
+    then bounds the wait) when the run asks for more than the cluster has now."""
+    short = {k: (v, have.get(k, 0.0)) for k, v in resources_needed(cfg).items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    text = "; ".join(f"{k}: needs {v:g}, the cluster has {h:g}" for k, (v, h) in short.items())
+    if fixed:
+        raise config_mod.ConfigError([f"resources: {text}. The run asks for {HINT}"])
+    print(f"[rayreward] the cluster has too little now ({text}); waiting up to {cfg.train.start_timeout_s:g} s "
+          "for the autoscaler", flush=True)
+
+
+def _bundles(cfg) -> list[dict[str, float]]:
+    t, rs = cfg.train, cfg.reward_server
+    worker = {"CPU": 1.0, **({"GPU": 1.0} if t.use_gpu else {})}
+    bundles = [worker] * t.num_workers
+    if rs.mode == "remote":
+        actor = {"CPU": rs.num_cpus, "GPU": rs.num_gpus, **rs.resources}
+        bundles += [{k: float(v) for k, v in actor.items() if v > 0}] * rs.replicas
+    return [b for b in bundles if b]
+
+
+def wait_for_resources(cfg) -> None:
+    """Reserve, for a moment, what the whole run needs (a placement group of its workers' and
+    reward actors' bundles), so the autoscaler sees the demand; give up after
+    train.start_timeout_s with a message naming what could not be placed. Ray Train itself
+    would retry placing its workers forever."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundles = _bundles(cfg)
+    pg = placement_group(bundles, strategy="PACK")
+    deadline = time.monotonic() + cfg.train.start_timeout_s
+    try:
+        while not pg.wait(timeout_seconds=max(0.0, min(15.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                avail = ray.available_resources()
+                need = resources_needed(cfg)
+                have = ", ".join(f"{k} {avail.get(k, 0):g} of {need[k]:g}" for k in need)
+                raise ClusterError(
+                    f"the cluster could not provide the run's resources within train.start_timeout_s="
+                    f"{cfg.train.start_timeout_s:g} s (available now: {have}; bundles {bundles}). No node type may "
+                    f"fit them (see `ray status` and cluster.yaml), or other jobs hold them. The run asks for {HINT}")
+            print(f"[rayreward] waiting for the cluster to place {len(bundles)} bundle(s) {bundles} "
+                  f"({deadline - time.monotonic():.0f} s left)", flush=True)
+    finally:
+        remove_placement_group(pg)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for the training workers: our print patch setting, and the caches."""
+    keep = ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", REPORT_POLL_ENV)
+    return dict(WORKER_ENV, **{k: os.environ[k] for k in keep if k in os.environ})
+
+
+def shorten_report_poll() -> None:
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
