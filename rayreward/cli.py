@@ -1,18 +1,86 @@
-"""`rayreward train | sample`. Bad input exits with code 2 and one clear message, no traceback."""
+"""`rayreward train | tune | eval | report | sample | score`.
+
+Every anticipated failure (bad config, files, LoRAs, rewards, devices, a cluster that cannot be
+reached or cannot place the run, a worker's error) ends in one readable message and a non-zero
+exit: 2 for bad input, 1 for a failed run, 130 / 143 after Ctrl-C / SIGTERM (with how to resume).
+`--verbose` shows the traceback too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import traceback
 from pathlib import Path
 
 
 def _usage_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean: the input is wrong (exit 2)."""
     from rayreward.config import ConfigError
-    from rayreward.models import ModelLoadError
+    from rayreward.models import LoraFileError, ModelLoadError
     from rayreward.reward_models import RewardLoadError
+    from rayreward.runfolder import CheckpointError, RunFolderBusy
 
-    return (ConfigError, ModelLoadError, RewardLoadError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, RewardLoadError, LoraFileError, CheckpointError, RunFolderBusy,
+            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already says what went wrong and what to do (exit 1)."""
+    from rayreward.runtime import ClusterError
+    from rayreward.train import RewardGradientError
+    from rayreward.tune import SweepError
+
+    return (ClusterError, RewardGradientError, SweepError)
+
+
+def explain(e: BaseException) -> tuple[str, int]:
+    """(message, exit code) for an exception that ended a command."""
+    from rayreward.runtime import first_line, root_cause
+
+    cause, where = root_cause(e)
+    prefix = f"{where}: " if where else ""
+    if isinstance(cause, _usage_errors()):
+        return prefix + str(cause), 2
+    if isinstance(cause, _run_errors()) or isinstance(cause, (ValueError, KeyError, OSError)):
+        return prefix + (str(cause).strip('"') or type(cause).__name__), 1
+    return (f"{prefix}{type(cause).__name__}: {first_line(cause)} (unexpected; run with --verbose for the traceback, "
+            "and please report it)"), 1
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _in_thread(fn):
+    """Run fn in a helper thread and wait for it here, so SIGINT/SIGTERM reach this (main)
+    thread (Ray Train installs its own SIGINT handler in the main thread otherwise, and exits 1
+    without a word)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="rayreward-driver", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
@@ -25,13 +93,21 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def cmd_train(args) -> int:
-    from rayreward import config, train
+    from rayreward import config, runfolder, train
 
     cfg = config.load(args.config, args.set)  # validated here, before Ray or any model starts
-    result = train.fit(cfg)
-    if result.error is not None:
-        print(f"[rayreward] training failed: {result.error}", file=sys.stderr)
-        return 1
+    try:
+        _in_thread(lambda: train.fit(cfg))
+    except Interrupted as e:
+        out = Path(cfg.output_dir).resolve()
+        try:
+            resume, _ = runfolder.latest_usable(out, cfg.name)
+        except runfolder.CheckpointError:
+            resume = None
+        where = f"from its checkpoint at step {resume.step}" if resume else "from the start (no checkpoint yet)"
+        print(f"\n[rayreward] interrupted ({e}); run the same command again to resume {where} "
+              f"({out / 'ray' / cfg.name})", file=sys.stderr, flush=True)
+        return 128 + e.signum
     out = Path(cfg.output_dir)
     print(f"[rayreward] done: {out / 'lora'}, {out / 'metrics.csv'}, {out / 'reward_curve.png'}, "
           f"{out / 'grid_start.png'}, {out / 'grid_end.png'}")
@@ -203,14 +279,20 @@ def cmd_score(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayreward", description="Tune diffusion LoRAs on differentiable rewards, on Ray.")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error")
+    after = argparse.ArgumentParser(add_help=False)  # --verbose after the command too, not resetting one before it
+    after.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a LoRA (Ray Train; embedded local Ray unless RAY_ADDRESS is set)")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[after], **kw)
+
+    t = add("train", help="train a LoRA (Ray Train; embedded local Ray unless RAY_ADDRESS is set)")
     t.add_argument("--config", required=True, help="YAML config, e.g. experiments/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="base model vs LoRAs on a prompt set and seeds, scored by rewards in reward actors")
+    e = add("eval", help="base model vs LoRAs on a prompt set and seeds, scored by rewards in reward actors")
     e.add_argument("--config", default=None, help="YAML config for model, sampling and reward_server settings")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH[:SCALE]",
@@ -224,19 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("report", help="reward curves of several runs in one plot, and a method x reward table")
+    r = add("report", help="reward curves of several runs in one plot, and a method x reward table")
     r.add_argument("runs", nargs="+", help="run folders (config.yaml + metrics.csv) or sweep folders")
     r.add_argument("--out", default="runs/report", help="output folder")
     r.add_argument("--last", type=int, default=5, help="steps averaged for the final reward")
     r.set_defaults(fn=cmd_report)
 
-    u = sub.add_parser("tune", help="a Ray Tune sweep: each trial a full training run; resumes when run again")
-    u.add_argument("--config", required=True, help="sweep YAML, e.g. experiments/sweep_k_rank.yaml")
+    u = add("tune", help="a Ray Tune sweep: each trial a full training run; resumes when run again")
+    u.add_argument("--config", required=True, help="sweep YAML, e.g. experiments/sweep_k_rank_tiny.yaml")
     u.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override on the base config, e.g. train.steps=4")
     u.set_defaults(fn=cmd_tune)
 
-    s = sub.add_parser("sample", help="render a grid from a base model plus LoRAs with scales")
+    s = add("sample", help="render a grid from a base model plus LoRAs with scales")
     s.add_argument("--config", default=None, help="YAML config for model and sampling settings (optional)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.add_argument("--model", default=None, help="overrides model.name")
@@ -247,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png")
     s.set_defaults(fn=cmd_sample)
 
-    c = sub.add_parser("score", help="score a folder of images with rewards (the training code path); CSV out")
+    c = add("score", help="score a folder of images with rewards (the training code path); CSV out")
     c.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. pickscore,symmetry")
     c.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE",
                    help="a reward argument, e.g. pickscore.model=/models/PickScore_v1")
@@ -261,11 +343,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        import os
+
+        from rayreward.runtime import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    if args.command == "train":
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         return args.fn(args)
-    except _usage_errors() as e:
-        print(f"rayreward {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except Interrupted as e:
+        print(f"\nrayreward {args.command}: interrupted ({e})", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print(f"\nrayreward {args.command}: interrupted (SIGINT)", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure ends in one message; the traceback with --verbose
+        message, code = explain(e)
+        if args.verbose:
+            traceback.print_exception(e)
+        print(f"rayreward {args.command}: error: {message}", file=sys.stderr)
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """Stop the local Ray this process started (and with it the run's workers and actors)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001  (exiting anyway)
+            pass
 
 
 if __name__ == "__main__":

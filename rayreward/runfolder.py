@@ -38,6 +38,7 @@ RESUMES_FILE = "resumes.jsonl"
 # shapes what is trained, so a resume with another value would mix two runs.
 FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.checkpoint_every", "train.max_failures",
                   "train.fail_at_step", "train.use_gpu", "train.mixed_precision", "train.resume",
+                  "train.start_timeout_s",
                   "reward_server.", "grid.")
 
 
@@ -134,6 +135,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "args" else v
+    return out
+
+
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:
     """Training-relevant fields whose value differs: {field: (old, new)}. Training prompts are
     compared resolved (a prompt_file is read)."""
@@ -144,7 +152,8 @@ def config_changes(old: dict, new: dict) -> dict[str, tuple]:
         d.pop("prompt_file", None)
         return _flatten(d)
 
-    a, b = norm(old), norm(new)
+    defaults = config_mod.Config().to_dict()  # a field newer than the checkpoint has its default there
+    a, b = norm(_merged(defaults, old)), norm(_merged(defaults, new))
     keys = list(dict.fromkeys([*a, *b]))
     free = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in FREE_ON_RESUME)  # noqa: E731
     return {k: (a.get(k), b.get(k)) for k in keys if not free(k) and a.get(k) != b.get(k)}

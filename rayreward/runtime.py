@@ -23,6 +23,7 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # sets a short poll unless the user set one; Ray propagates it to the controller and workers.
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.05"
+VERBOSE_ENV = "RAYREWARD_VERBOSE"  # set by `rayreward --verbose`: workers keep Ray's error tracebacks
 
 
 class ClusterError(RuntimeError):
@@ -149,9 +150,33 @@ def wait_for_resources(cfg) -> None:
 
 def worker_env() -> dict[str, str]:
     """Environment for the training workers: our print patch setting, and the caches."""
-    keep = ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", REPORT_POLL_ENV)
+    keep = ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", REPORT_POLL_ENV, VERBOSE_ENV)
     return dict(WORKER_ENV, **{k: os.environ[k] for k in keep if k in os.environ})
 
 
 def shorten_report_poll() -> None:
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def root_cause(e: BaseException) -> tuple[BaseException, str]:
+    """The error a user can act on, and where it happened: a Ray Train worker's own exception
+    out of WorkerGroupError / ControllerError, a Ray task's out of RayTaskError."""
+    where = ""
+    for _ in range(10):
+        failures = getattr(e, "worker_failures", None)
+        if failures:
+            rank, inner = sorted(failures.items())[0]
+            where = f"worker {rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+            e = inner
+            continue
+        cause = getattr(e, "cause", None) or getattr(e, "__cause__", None)
+        if cause is not None and cause is not e and type(e).__module__.startswith("ray"):
+            e = cause
+            continue
+        break
+    return e, where

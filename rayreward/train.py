@@ -400,6 +400,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Ray Train logs every report at INFO through a logger named by its file path, which
     # LoggingConfig's ray.train filter misses; our progress line already says the same.
     logging.getLogger().setLevel(logging.WARNING)
+    if not os.environ.get(runtime.VERBOSE_ENV):  # the driver says the error in one line; --verbose: the traceback too
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     cfg = config_mod.from_dict(loop_config["config"])
     ctx = ray.train.get_context()  # [1] who am I: rank and world size (gloo/nccl group is up)
     resume = None

@@ -38,6 +38,10 @@ SCHEDULERS = ("asha", "none")
 DRIVER_CPU = 0.01  # what a trial's driver function reserves
 
 
+class SweepError(RuntimeError):
+    """Every trial of a sweep failed."""
+
+
 @dataclass
 class SweepConfig:
     base: dict  # the base training config (a plain dict, overrides applied)
@@ -77,6 +81,8 @@ def _samples(space: dict) -> list:
     kind, values = next(iter(space.items()))
     if kind == "randint":
         return [int(values[0]), int(values[1]) - 1]
+    if kind in ("uniform", "loguniform"):  # Tune draws floats: validate floats (an int field refuses them)
+        return [float(values[0]), (float(values[0]) + float(values[1])) / 2]
     return list(values)
 
 
@@ -125,7 +131,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             try:
                 config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
             except config_mod.ConfigError as e:
-                problems.extend(f"search.{key} = {value!r}: {p}" for p in e.problems)
+                hint = ""
+                if next(iter(space)) in ("uniform", "loguniform") and any("integer" in p for p in e.problems):
+                    hint = f" ({next(iter(space))} draws floats; use randint: [low, high) for an integer field)"
+                problems.extend(f"search.{key} = {value!r} (as drawn): {p}{hint}" for p in e.problems)
                 break
         search[str(key)] = space
     sched = data.get("scheduler", {"name": "asha"})
@@ -266,6 +275,16 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
         return None
     df = results_table(grid, sweep)
     df.to_csv(out / "results.csv", index=False)
+    failed = [r for r in grid if r.error]
+    if failed:
+        from rayreward.runtime import first_line, root_cause
+
+        cause, _ = root_cause(failed[0].error)
+        text = f"{type(cause).__name__}: {first_line(cause)}"
+        if len(failed) == len(grid):
+            raise SweepError(f"all {len(grid)} trials of sweep {sweep.name!r} failed; the first: {text} "
+                             f"(each trial's log: {out / 'tune' / sweep.name})")
+        print(f"[rayreward] warning: {len(failed)} of {len(grid)} trials failed; the first: {text}", flush=True)
     try:
         df.to_parquet(out / "results.parquet", index=False)
     except ImportError as e:  # pyarrow is optional for pandas
