@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
 import traceback
 from pathlib import Path
 
@@ -50,37 +49,10 @@ def explain(e: BaseException) -> tuple[str, int]:
             "and please report it)"), 1
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 def _raise_interrupted(signum, frame):
+    from rayreward.runtime import Interrupted
+
     raise Interrupted(signum)
-
-
-def _in_thread(fn):
-    """Run fn in a helper thread and wait for it here, so SIGINT/SIGTERM reach this (main)
-    thread (Ray Train installs its own SIGINT handler in the main thread otherwise, and exits 1
-    without a word)."""
-    box: dict = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001  (re-raised in the main thread)
-            box["error"] = e
-
-    t = threading.Thread(target=target, name="rayreward-driver", daemon=True)
-    t.start()
-    while t.is_alive():
-        t.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
@@ -93,12 +65,12 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 def cmd_train(args) -> int:
-    from rayreward import config, runfolder, train
+    from rayreward import config, runfolder, runtime, train
 
     cfg = config.load(args.config, args.set)  # validated here, before Ray or any model starts
     try:
-        _in_thread(lambda: train.fit(cfg))
-    except Interrupted as e:
+        train.fit(cfg)
+    except runtime.Interrupted as e:
         out = Path(cfg.output_dir).resolve()
         try:
             resume, _ = runfolder.latest_usable(out, cfg.name)
@@ -349,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         from rayreward.runtime import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
+    from rayreward.runtime import Interrupted
+
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    if args.command == "train":
-        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         return args.fn(args)
     except Interrupted as e:
@@ -368,17 +340,27 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _shutdown_ray()
+        _shutdown_ray(quiet=not args.verbose)
 
 
-def _shutdown_ray() -> None:
-    """Stop the local Ray this process started (and with it the run's workers and actors)."""
+def _shutdown_ray(quiet: bool) -> None:
+    """Stop the local Ray this process started (and with it the run's workers and actors).
+    `quiet`: first stop printing the cluster's log lines; the command's outcome is decided, and
+    Ray's own actors print tracebacks while they are torn down (PlacementGroupCleaner)."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        try:
-            ray.shutdown()
-        except Exception:  # noqa: BLE001  (exiting anyway)
+    if ray is None or not ray.is_initialized():
+        return
+    if quiet:
+        try:  # Ray's internal hook for forwarding worker output; without it we only lose the quiet
+            from ray._private.worker import global_worker_stdstream_dispatcher
+
+            global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        except Exception:  # noqa: BLE001
             pass
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001  (exiting anyway)
+        pass
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ cannot provide fail after `train.start_timeout_s` with a message that names what
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -28,6 +30,14 @@ VERBOSE_ENV = "RAYREWARD_VERBOSE"  # set by `rayreward --verbose`: workers keep 
 
 class ClusterError(RuntimeError):
     """The Ray cluster cannot be reached or cannot provide what the run needs."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; the run stopped (its checkpoints are whole)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -74,10 +84,15 @@ def init_ray() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address is not None:
         check_address(address)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"could not join Ray at RAY_ADDRESS={address!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        if main and previous is not None:  # ray.init sets SIGTERM to a bare sys.exit: keep the caller's
+            signal.signal(signal.SIGTERM, previous)
     return not address
 
 

@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,7 +459,24 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
         runtime.wait_for_resources(cfg)
         runtime.shorten_report_poll()
         actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
-        trainer = TorchTrainer(
+        stop: list[int] = []
+
+        class Trainer(TorchTrainer):
+            def _register_sigint_handler(self, controller):
+                """Ray Train's hook (main thread only) just before it blocks on the run: SIGINT
+                and SIGTERM alike ask the controller to abort, which stops the workers between
+                reports, so every checkpoint on disk is whole; fit then returns here."""
+                def abort(signum, frame):
+                    if stop:  # a second signal: stop waiting for the graceful abort
+                        raise runtime.Interrupted(signum)
+                    stop.append(signum)
+                    print(f"\n[rayreward] {signal.Signals(signum).name}: stopping the run...", flush=True)
+                    controller.abort.remote()
+
+                signal.signal(signal.SIGINT, abort)
+                signal.signal(signal.SIGTERM, abort)
+
+        trainer = Trainer(
             train_loop_per_worker,
             train_loop_config={"config": cfg.to_dict(), "reward_actors": actors,
                                "resume_from": plan.resume.folder if plan.resume else None,
@@ -469,11 +488,22 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
                                  worker_runtime_env={"env_vars": runtime.worker_env()}, callbacks=callbacks or [],
                                  logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
         )
+        main = threading.current_thread() is threading.main_thread()  # not in a Tune trial
+        handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) if main else None
         try:
-            return trainer.fit()
+            result = trainer.fit()
+        except Exception:
+            if not stop:
+                raise
         finally:
+            if handlers:
+                signal.signal(signal.SIGINT, handlers[0])
+                signal.signal(signal.SIGTERM, handlers[1])
             if actors:
                 _stop_reward_servers(actors, out)
+        if stop:
+            raise runtime.Interrupted(stop[0])
+        return result
 
 
 def _stop_reward_servers(actors: list, out: Path) -> None:
