@@ -110,6 +110,9 @@ def cmd_sample(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     evaluate.save_grid(images, prompts, seeds, args.out)
     print(f"[rayreward] wrote {args.out} ({len(prompts)} prompts x {len(seeds)} seeds)")
+    if args.save_images:
+        folder = evaluate.save_images(images, prompts, seeds, args.save_images)
+        print(f"[rayreward] wrote {len(images)} images and prompts.txt to {folder} (ready for `rayreward score`)")
     return 0
 
 
@@ -299,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="a grid row; repeat")
     s.add_argument("--seeds", nargs="+", type=int, default=[], help="grid columns")
     s.add_argument("--out", default="grid.png")
+    s.add_argument("--save-images", default=None, metavar="DIR",
+                   help="also save each image as a PNG, with prompts.txt in their order (for `rayreward score`)")
     s.set_defaults(fn=cmd_sample)
 
     c = add("score", help="score a folder of images with rewards (the training code path); CSV out")

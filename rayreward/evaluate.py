@@ -55,6 +55,25 @@ def save_grid(images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int]
     return Path(path)
 
 
+def save_images(images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[int], folder: str | Path) -> Path:
+    """Each (prompt, seed) image as p<prompt>_s<seed>.png (8-bit), and prompts.txt: one prompt a
+    line in the files' sorted order, as `rayreward score --prompts` reads it."""
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    names = []
+    for k, a in enumerate(arr):
+        i, s = divmod(k, len(seeds))
+        name = f"p{i:03d}_s{seeds[s]}.png"
+        Image.fromarray(np.ascontiguousarray(a)).save(folder / name)
+        names.append((name, prompts[i]))
+    (folder / "prompts.txt").write_text("".join(f"{p}\n" for _, p in sorted(names)))
+    return folder
+
+
 def plot_metrics(csv_path: str | Path, png_path: str | Path) -> Path:
     """Reward (mean ± std, and each component) and loss against the step."""
     import matplotlib
@@ -156,10 +175,8 @@ def run_eval(cfg, loras: Sequence[tuple[str, str, float]], reward_specs, prompts
     """Render base and each (name, path, scale) LoRA on every (prompt, seed), save the images,
     score the saved (8-bit) images with the rewards in Ray reward actors, and write
     per_image.csv, summary.csv and one side-by-side grid per seed. Returns (per_image, summary)."""
-    import numpy as np
     import pandas as pd
     import ray
-    from PIL import Image
 
     from rayreward import runtime
     from rayreward.serving import start_reward_servers
@@ -191,11 +208,7 @@ def run_eval(cfg, loras: Sequence[tuple[str, str, float]], reward_specs, prompts
             print(f"[rayreward] eval: rendered {done}/{total} prompts x {len(seeds)} seeds ({name})", flush=True)
         x = (torch.cat(chunks).clamp(0, 1) * 255).round() / 255  # scored as saved: 8-bit
         images[name] = x
-        d = out / "images" / name
-        d.mkdir(parents=True, exist_ok=True)
-        arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        for k, a in enumerate(arr):
-            Image.fromarray(np.ascontiguousarray(a)).save(d / f"p{k // len(seeds):03d}_s{seeds[k % len(seeds)]}.png")
+        save_images(x, prompts, seeds, out / "images" / name)
     runtime.init_ray()
     actors = start_reward_servers(cfg)
     rows = []

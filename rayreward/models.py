@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from rayreward import hub
 from rayreward.sampling import Denoiser
 
 TINY_VERSION = 1  # bump when the tiny architecture changes, so caches are rebuilt
@@ -181,7 +182,8 @@ def load_components(model_cfg) -> Components:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     src = resolve_source(model_cfg)
-    kw = dict(revision=model_cfg.revision)
+    local_only = not Path(src).is_dir() and hub.offline()
+    kw = dict(revision=model_cfg.revision, local_files_only=local_only)
     try:
         index = DiffusionPipeline.load_config(src, **kw)
         flavour = model_cfg.flavour
@@ -198,8 +200,9 @@ def load_components(model_cfg) -> Components:
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"model.name={model_cfg.name!r}: could not load the diffusers pipeline from {src!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}). Set model.name to a local diffusers folder, or make the "
-            "hub reachable (HF_HUB_OFFLINE unset) or its files present in the hub cache."
+            f"{str(e).splitlines()[0] if str(e) else ''}){'; ' + hub.why_offline() if local_only else ''}. Set "
+            "model.name to a local diffusers folder, or make the hub reachable (HF_HUB_OFFLINE unset) or its files "
+            "present in the hub cache."
         ) from None
     for m in [unet, vae, *encoders]:
         m.eval().requires_grad_(False)

@@ -93,7 +93,32 @@ def init_ray() -> bool:
     finally:
         if main and previous is not None:  # ray.init sets SIGTERM to a bare sys.exit: keep the caller's
             signal.signal(signal.SIGTERM, previous)
+    if not os.environ.get(VERBOSE_ENV):
+        _drop_forwarded_output_of(QUIET_ACTORS)
     return not address
+
+
+# Ray's own helper actors whose output is not about the run: Ray Train's PlacementGroupCleaner
+# prints a thread traceback when its state-API query fails at the end of a run on a busy machine.
+QUIET_ACTORS = ("PlacementGroupCleaner",)
+
+
+def _drop_forwarded_output_of(actors: tuple[str, ...]) -> None:
+    """Filter the driver's printing of cluster output (Ray's internal "ray_print_logs" handler),
+    dropping these actors' lines. Without the hook (another Ray), nothing is filtered."""
+    try:
+        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        for i, (name, handle) in enumerate(dispatcher.handlers):
+            if name == "ray_print_logs" and not getattr(handle, "_rayreward_filter", False):
+                def filtered(data, _handle=handle):
+                    if data.get("actor_name") not in actors:
+                        _handle(data)
+
+                filtered._rayreward_filter = True
+                dispatcher.handlers[i] = (name, filtered)
 
 
 def resources_needed(cfg) -> dict[str, float]:

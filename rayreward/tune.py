@@ -131,10 +131,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             try:
                 config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
             except config_mod.ConfigError as e:
-                hint = ""
-                if next(iter(space)) in ("uniform", "loguniform") and any("integer" in p for p in e.problems):
-                    hint = f" ({next(iter(space))} draws floats; use randint: [low, high) for an integer field)"
-                problems.extend(f"search.{key} = {value!r} (as drawn): {p}{hint}" for p in e.problems)
+                kind, hint = next(iter(space)), ""
+                if kind in ("uniform", "loguniform") and any("integer" in p for p in e.problems):
+                    hint = f" ({kind} draws floats; use randint: [low, high) for an integer field)"
+                drawn = " (as drawn)" if kind in ("uniform", "loguniform", "randint") else ""
+                problems.extend(f"search.{key} = {value!r}{drawn}: {p}{hint}" for p in e.problems)
                 break
         search[str(key)] = space
     sched = data.get("scheduler", {"name": "asha"})

@@ -186,3 +186,20 @@ def test_a_lora_of_another_model_or_with_nan_is_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(models.LoraFileError, match="not a readable safetensors file"):
         models.read_lora_state(tmp_path / "junk.safetensors")
+
+
+def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
+    """Not offline by HF_HUB_OFFLINE, but the hub does not answer: only the cache is looked at."""
+    import time
+
+    from rayreward import hub
+    from rayreward.reward_models import RewardLoadError, pickscore
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_reachable", lambda: False)
+    t0 = time.monotonic()
+    with pytest.raises(models.ModelLoadError, match="does not answer from this machine"):
+        models.load_components(ModelConfig(name="nobody/no-such-model"))
+    with pytest.raises(RewardLoadError, match="does not answer from this machine"):
+        pickscore(model="nobody/no-such-model", processor="nobody/no-such-model")
+    assert time.monotonic() - t0 < 20  # the hub libraries' retries took 75 s for PickScore

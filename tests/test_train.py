@@ -106,11 +106,20 @@ def test_sample_cli_renders_a_grid_with_scaled_loras(tmp_path):
     out = tmp_path / "grid.png"
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--model", "tiny", "--lora",
                            f"{tmp_path / 'lora'}:0.5", "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0", "1",
-                           "--set", "sampling.num_steps=4", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--set", "sampling.num_steps=4", "--out", str(out), "--save-images", str(tmp_path / "samples")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     from PIL import Image
 
     assert Image.open(out).size[0] > 2 * 128
+    # the README's next step: score the saved images, prompts in their order
+    assert (tmp_path / "samples/prompts.txt").read_text().splitlines() == ["a cat"] * 2 + ["a dog"] * 2
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "score", "--rewards", "symmetry", "--images",
+                           str(tmp_path / "samples"), "--prompts", str(tmp_path / "samples/prompts.txt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    scores = (tmp_path / "samples/scores.csv").read_text().splitlines()
+    assert scores[0] == "image,prompt,symmetry" and scores[1].startswith("p000_s0.png,a cat,-")
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--lora", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "g2.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr

@@ -111,3 +111,26 @@ def test_a_sweep_larger_than_the_cluster_is_a_clear_error(tmp_path):
     small = rtune.load_sweep(write_sweep(tmp_path))
     assert rtune.concurrency(small, {"CPU": 4.0}, fixed=True) == 3  # 1.01 CPU a trial
     assert rtune.concurrency(small, {"CPU": 64.0}, fixed=True) == 63
+
+
+def test_a_float_distribution_on_an_integer_field_is_refused_at_load(tmp_path):
+    path = write_sweep(tmp_path, search={"lora.rank": {"uniform": [1, 8]}, "optim.lr": {"loguniform": [1e-4, 1e-2]}})
+    with pytest.raises(config.ConfigError) as e:
+        rtune.load_sweep(path)
+    msg = str(e.value)
+    assert "search.lora.rank = 1.0 (as drawn): lora.rank: expected an integer, got 1.0" in msg
+    assert "use randint" in msg and "optim.lr" not in msg  # a float field takes uniform draws
+
+
+def test_a_sweep_whose_trials_all_fail_exits_1_with_the_cause(ray_session, tmp_path):
+    import ray
+
+    path = write_sweep(tmp_path, search={"method.k": [1]}, scheduler={"name": "none"},
+                       set=SWEEP["set"] + ["method.name=draft_k", "train.steps=1",
+                                           "rewards=[{name: 'helpers:detached_mean'}]"])
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "tune", "--config", str(path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "all 1 trials of sweep 'kr' failed; the first: RewardGradientError" in proc.stderr
