@@ -250,38 +250,32 @@ class Worker:
         t_reward = time.perf_counter()
         # 4. backward (none when no grad-carrying step ran, e.g. DRTune's K steps all after the
         #    early stop); average gradients and statistics over workers
-        check = not self._reward_checked and images.requires_grad
+        check = not self._reward_checked and images.requires_grad  # the first step that trains anything
         if check:
-            self._check_reward_depends_on_images(loss, images)
+            if not loss.requires_grad:
+                raise self._no_gradient("the loss does not depend on the images (no gradient path)")
+            images.retain_grad()
         if loss.requires_grad:
             loss.backward()
         if check:
-            self._check_reward_depends_on_images(loss, images, after_backward=True)
-        stats = StepStats(float(loss.detach()), float(r.detach().mean()), float(r.detach().pow(2).mean()),
-                          float(sum(rec.grad for rec in res.trace)),
-                          {k: float(v.detach().mean()) for k, v in parts.items()})
+            self._reward_checked = True
+            g = images.grad  # a saturated hinge may legitimately give zero: only the linear loss is checked
+            if self.cfg.loss.kind == "linear" and (g is None or not bool(g.abs().sum() > 0)):
+                raise self._no_gradient("its gradient with respect to the images is zero on the first step")
+        # one device-to-host transfer for all the statistics
+        values = torch.stack([loss.detach().float(), r.detach().float().mean(), r.detach().float().pow(2).mean(),
+                              *[v.detach().float().mean() for v in parts.values()]]).cpu().tolist()
+        stats = StepStats(*values[:3], trained_calls=float(sum(rec.grad for rec in res.trace)),
+                          parts=dict(zip(parts, values[3:])))
         stats = self.sync.average(stats)
         times = {"s_sample": t_sample - t0, "s_reward": t_reward - t_sample, "t_start": t0}
         return stats, times, res
 
-    def _check_reward_depends_on_images(self, loss: torch.Tensor, images: torch.Tensor,
-                                        after_backward: bool = False) -> None:
-        """On the first step that carries gradient: a reward whose loss has no gradient path to
-        the images, or (linear loss) an all-zero image gradient, would train nothing."""
+    def _no_gradient(self, what: str) -> "RewardGradientError":
         names = ", ".join(s.name for s in self.cfg.rewards)
-        hint = ("A reward must be computed from `images` with differentiable torch ops (no .detach(), .item(), "
-                "numpy or PIL, and not under torch.no_grad()).")
-        if not after_backward:
-            if not loss.requires_grad:
-                raise RewardGradientError(f"reward {names}: the loss does not depend on the images (no gradient "
-                                          f"path), so training would change nothing. {hint}")
-            images.retain_grad()
-            return
-        self._reward_checked = True
-        g = images.grad
-        if self.cfg.loss.kind == "linear" and (g is None or not bool(g.abs().sum() > 0)):
-            raise RewardGradientError(f"reward {names}: its gradient with respect to the images is zero on the "
-                                      f"first step, so training would change nothing. {hint}")
+        return RewardGradientError(
+            f"reward {names}: {what}, so training would change nothing. A reward must be computed from `images` "
+            "with differentiable torch ops (no .detach(), .item(), numpy or PIL, and not under torch.no_grad()).")
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns its metrics row (averaged over workers)."""
@@ -298,7 +292,8 @@ class Worker:
                "s_sample": times["s_sample"], "s_reward": times["s_reward"],
                # backward + gradient all-reduce + optimizer step
                "s_backward": t_end - times["t_start"] - times["s_sample"] - times["s_reward"],
-               "s_step": t_end - times["t_start"]}
+               "s_step": t_end - times["t_start"],
+               "time": time.time()}  # the step's end (unix seconds): steps' spacing is the run's real pace
         row.update({f"reward/{k}": v for k, v in stats.parts.items()})
         return row
 

@@ -60,6 +60,8 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
     (["reward_server.num_cpus=-1"], "reward_server.num_cpus: -1.0 is negative"),
     (["reward_server.max_restarts=-5"], "reward_server.max_restarts: -5 is not allowed"),
     (["prompt_file=/no/such/prompts.txt"], "prompt_file: '/no/such/prompts.txt' does not exist"),
+    (["train.resume=always"], "train.resume: 'always' is unknown; allowed: auto, force"),
+    (["train.start_timeout_s=0"], "train.start_timeout_s: 0.0 is not allowed; need seconds > 0"),
 ])
 def test_bad_values_are_named_with_value_and_allowed(overrides, needle):
     with pytest.raises(ConfigError) as e:
