@@ -123,7 +123,9 @@ class CompositeReward:
         total = images.new_zeros(images.shape[0])
         for name, w, fn in zip(self.names, self.weights, self.fns):
             r = fn(images, prompts).float()
-            assert r.shape == total.shape, f"reward {name} returned shape {tuple(r.shape)}"
+            if r.shape != total.shape:
+                raise ValueError(f"reward {name} returned shape {tuple(r.shape)} for {images.shape[0]} images; a reward "
+                                 f"returns one value per image, shape ({images.shape[0]},)")
             parts[name] = r
             total = total + w * r
         return total, parts

@@ -342,8 +342,10 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or last
         if checkpoint_now:
             row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
-            assert row["lora_divergence"] < 1e-6 * max(1.0, float(sum(p.detach().abs().sum() for p in w.params))), \
-                f"workers' LoRA weights diverged ({row['lora_divergence']:.3g}): gradient sync is broken"
+            scale = max(1.0, float(sum(p.detach().abs().sum() for p in w.params)))
+            if not row["lora_divergence"] < 1e-6 * scale:
+                raise RuntimeError(f"workers' LoRA weights diverged ({row['lora_divergence']:.3g} at step {step}): "
+                                   "the gradient sync is broken; please report it with metrics.csv")
         if main:
             log.append(row)
             print(progress_line(row, cfg.train.steps), flush=True)

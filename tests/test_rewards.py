@@ -107,3 +107,11 @@ def test_score_cli_bad_inputs(tmp_path, argv, needle):
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "score", *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_reward_of_the_wrong_shape_is_a_clear_error():
+    from rayreward.rewards import CompositeReward
+
+    one_number = CompositeReward(["total"], [1.0], [lambda images, prompts: images.mean()])
+    with pytest.raises(ValueError, match=r"reward total returned shape \(\) for 2 images; a reward returns one value"):
+        one_number(torch.rand(2, 3, 8, 8), ["a", "b"])
