@@ -125,12 +125,13 @@ def test_a_float_distribution_on_an_integer_field_is_refused_at_load(tmp_path):
 def test_a_sweep_whose_trials_all_fail_exits_1_with_the_cause(ray_session, tmp_path):
     import ray
 
+    # a reward model folder that does not exist: the config validates, every trial's workers fail
+    missing = tmp_path / "no-such-model"
     path = write_sweep(tmp_path, search={"method.k": [1]}, scheduler={"name": "none"},
-                       set=SWEEP["set"] + ["method.name=draft_k", "train.steps=1",
-                                           "rewards=[{name: 'helpers:detached_mean'}]"])
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address,
-               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+                       set=SWEEP["set"] + ["train.steps=1", f"rewards=[{{name: pickscore, args: {{model: '{missing}', "
+                                                            f"processor: '{missing}'}}}}]"])
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "tune", "--config", str(path)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "all 1 trials of sweep 'kr' failed; the first: RewardGradientError" in proc.stderr
+    assert "all 1 trials of sweep 'kr' failed; the first: RewardLoadError: reward pickscore: cannot load" in proc.stderr
