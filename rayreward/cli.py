@@ -41,6 +41,8 @@ def explain(e: BaseException) -> tuple[str, int]:
 
     cause, where = root_cause(e)
     prefix = f"{where}: " if where else ""
+    if isinstance(cause, OSError) and cause.filename and cause.strerror:  # a file the user named
+        return f"{prefix}{cause.filename!r}: {cause.strerror}", 2
     if isinstance(cause, _usage_errors()):
         return prefix + str(cause), 2
     if isinstance(cause, _run_errors()) or isinstance(cause, (ValueError, KeyError, OSError)):
@@ -235,6 +237,9 @@ def cmd_score(args) -> int:
     from rayreward.config import RewardSpec
     from rayreward.rewards import build_composite
 
+    from rayreward.runtime import check_device
+
+    check_device(args.device, "--device")
     specs = _reward_specs(args.rewards, args.arg)
     files, prompts = _score_inputs(args.images, args.prompts)
     reward = build_composite([RewardSpec(**s) for s in specs], device=args.device)

@@ -40,6 +40,20 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def check_device(spec: str, field: str) -> torch.device:
+    """A torch device the user named, checked: it parses, and a CUDA device exists here."""
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise config_mod.ConfigError([f"{field}: {spec!r} is not a device; use cpu, cuda or cuda:N"]) from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (device.index or 0) >= n:
+            raise config_mod.ConfigError([f"{field}: {spec!r} is not available: this machine has {n} CUDA device(s) "
+                                          "visible to torch; use cpu"])
+    return device
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or precision == "no":
         return None

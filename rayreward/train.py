@@ -441,6 +441,13 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
 
     cfg = prepare_run(cfg)
     out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "not writable", str(out))
+    except OSError as e:
+        raise config_mod.ConfigError([f"output_dir: cannot write to {str(out)!r} ({e.strerror}); choose a folder "
+                                      "you can write"]) from None
     with runfolder.RunLock(out):
         plan = runfolder.prepare(cfg, out)  # refuses another run's folder or a changed config
         for w in plan.warnings:
