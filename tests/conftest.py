@@ -34,3 +34,11 @@ def tiny_sd():
     from rayreward.models import resolve_source
 
     return resolve_source(ModelConfig(name="tiny"))
+
+
+def pytest_collection_modifyitems(items):
+    """Every test on the session's Ray cluster is `slow` (seconds to minutes each), so that
+    `pytest -m "not slow"` is a quick loop; tests that start their own Ray say so themselves."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -67,6 +67,7 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow  # a Ray head and a submitted job
 def test_ray_job_submit_runs_the_quickstart(ray_head, tmp_path):
     url, env = ray_head
     out = tmp_path / "job-out"

@@ -172,6 +172,7 @@ def test_resources_no_node_can_provide_end_after_the_start_timeout(ray_session):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow  # starts its own Ray through the CLI
 def test_a_worker_error_is_one_line_and_the_traceback_only_with_verbose(tmp_path):
     args = [*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", f"output_dir={tmp_path}",
             "--set", "train.steps=1", "--set", "sampling.num_steps=4", "--set", "method.name=draft_k",
@@ -185,6 +186,7 @@ def test_a_worker_error_is_one_line_and_the_traceback_only_with_verbose(tmp_path
     assert proc.returncode == 1 and "Traceback" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow  # starts its own Ray through the CLI
 def test_sigterm_stops_the_run_says_how_to_resume_and_the_same_command_resumes(tmp_path):
     args = [*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", f"output_dir={tmp_path}",
             "--set", "train.steps=40", "--set", "train.checkpoint_every=2", "--set", "train.batch_size=2",
