@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from rayreward import hub
+from rayreward.runtime import first_line
 from rayreward.sampling import Denoiser
 
 TINY_VERSION = 1  # bump when the tiny architecture changes, so caches are rebuilt
@@ -200,7 +201,7 @@ def load_components(model_cfg) -> Components:
     except (OSError, ValueError) as e:
         raise ModelLoadError(
             f"model.name={model_cfg.name!r}: could not load the diffusers pipeline from {src!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}){'; ' + hub.why_offline() if local_only else ''}. Set "
+            f"{first_line(e)}){'; ' + hub.why_offline() if local_only else ''}. Set "
             "model.name to a local diffusers folder, or make the hub reachable (HF_HUB_OFFLINE unset) or its files "
             "present in the hub cache."
         ) from None

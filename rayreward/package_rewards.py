@@ -58,13 +58,13 @@ def fetch(what: str, source: str, filename: str, key: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     from rayreward import hub
+    from rayreward.runtime import first_line
 
     local_only = hub.offline()
     try:
         return Path(hf_hub_download(source, filename, local_files_only=local_only))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, missing file: all the same user error
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        first += f"; {hub.why_offline()}" if local_only else ""
+        first = first_line(e) + (f"; {hub.why_offline()}" if local_only else "")
         raise RewardLoadError(
             f"reward {what}: cannot get {filename} from the hub repo {source!r} ({type(e).__name__}: {first}). Set "
             f"rewards[].args.{key} to a local copy of {filename}, or make the hub reachable (unset HF_HUB_OFFLINE) to "

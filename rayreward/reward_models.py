@@ -71,14 +71,14 @@ class RewardLoadError(RuntimeError):
 
 def _load(what: str, fn, source: str, key: str):
     from rayreward import hub
+    from rayreward.runtime import first_line
 
     local_only = not Path(source).expanduser().exists() and hub.offline()
     try:
         return fn(source, local_files_only=local_only)
     except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise RewardLoadError(
-            f"reward {what}: cannot load {source!r} ({first}){'; ' + hub.why_offline() if local_only else ''}. Set "
+            f"reward {what}: cannot load {source!r} ({first_line(e)}){'; ' + hub.why_offline() if local_only else ''}. Set "
             f"rewards[].args.{key} to a local folder or file holding it, or make the hub reachable (unset "
             "HF_HUB_OFFLINE) to download it once."
         ) from None

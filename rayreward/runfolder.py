@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from rayreward import config as config_mod
+from rayreward.runtime import first_line
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -82,7 +83,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Resume:
     try:
         opt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
-        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {first_line(e)})") from None
     f = folder / CONFIG_FILE
     try:
         cfg = yaml.safe_load(f.read_text()) if f.exists() else {}

@@ -103,7 +103,7 @@ def init_ray() -> bool:
     try:
         ray.init(address=address, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"could not join Ray at RAY_ADDRESS={address!r}: {str(e).splitlines()[0]}") from None
+        raise ClusterError(f"could not join Ray at RAY_ADDRESS={address!r}: {first_line(e)}") from None
     finally:
         if main and previous is not None:  # ray.init sets SIGTERM to a bare sys.exit: keep the caller's
             signal.signal(signal.SIGTERM, previous)

@@ -517,7 +517,7 @@ def _stop_reward_servers(actors: list, out: Path) -> None:
     try:
         states = ray.get([a.info.remote() for a in actors], timeout=30)
     except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
-        states = [{"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}]
+        states = [{"error": f"{type(e).__name__}: {runtime.first_line(e)}"}]
     (out / "reward_servers.json").write_text(json.dumps(states, indent=1))
     for i, st in enumerate(states):
         if st.get("restarted"):
