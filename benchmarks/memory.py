@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from rayreward import config, models, sampling
+from rayreward import config, methods, models, sampling
 from rayreward.rewards import build_composite
 from rayreward.rewards import reward_and_loss
 
-METHODS = ["drtune", "draft", "draft_k", "draft_lv", "refl", "alignprop"]
+METHODS = list(methods.METHODS)
 
 
 class SavedBytes:
@@ -56,7 +56,7 @@ class SavedBytes:
 def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool):
     B = cfg.train.batch_size
     g = torch.Generator().manual_seed(1234)  # the same draws for every method and T
-    plan = sampling.make_plan(cfg.method, T, B, g)
+    plan = methods.make_plan(cfg.method, T, B, g)
     prompts = [("a cat", "a dog", "a car", "a tree")[i % 4] for i in range(B)]
     cond = models.encode_prompts(c, prompts, "", cfg.model.resolution, "cpu")
     schedule = sampling.Schedule.from_scheduler(c.scheduler, T)

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("drtune", "draft", "draft_k", "draft_lv", "refl", "alignprop")
+from rayreward import methods
+
+METHODS = tuple(methods.METHODS)
 TINY_MODELS = ("tiny", "tiny-sdxl")
 FLAVOURS = ("auto", "sd", "sdxl")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -69,16 +71,10 @@ class SamplingConfig:
     negative_prompt: str = ""  # the unconditional prompt of CFG
 
 
-@dataclass
-class MethodConfig:
-    name: str = "drtune"  # one of METHODS
-    k: int = 2  # drtune / draft_k: number of trained steps K
-    early_stop_m: int = 4  # drtune: t_min ~ U{1..m}, counted from the end; 1 = never stop early
-    lv_copies: int = 2  # draft_lv: n re-noised copies of the last step
-    refl_window: list[int] = field(default_factory=lambda: [1, 4])  # refl: [t1, t2] counted from the end
-    # alignprop: [lo, hi], each sample back-propagates through its last k ~ U{lo..hi} steps;
-    # null means [1, num_steps]
-    alignprop_range: list[int] | None = None
+# The `method:` section: `name` (one of METHODS) and every method's parameters with their
+# defaults (k, early_stop_m, lv_copies, refl_window, alignprop_range), declared in
+# rayreward/methods.py, the one home of a method.
+MethodConfig = methods.config_class()
 
 
 @dataclass
@@ -278,25 +274,7 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"sampling.guidance_scale: {cfg.sampling.guidance_scale} is negative; need >= 0 (1 = no guidance)")
     if not 0.0 <= cfg.sampling.eta <= 1.0:
         p.append(f"sampling.eta: {cfg.sampling.eta} is outside [0, 1]")
-    if m.name not in METHODS:
-        p.append(f"method.name: {m.name!r} is unknown; allowed: {', '.join(METHODS)}")
-    if m.name in ("drtune", "draft_k"):
-        if m.k < 1:
-            p.append(f"method.k: {m.k} is not allowed; K counts trained steps and must be >= 1")
-        elif T >= 1 and m.k > T:
-            p.append(f"method.k: {m.k} is larger than sampling.num_steps ({T}); need 1 <= k <= num_steps")
-    if m.name == "drtune" and not 1 <= m.early_stop_m <= max(T, 1):
-        p.append(f"method.early_stop_m: {m.early_stop_m} is outside [1, sampling.num_steps={T}]")
-    if m.name == "draft_lv" and m.lv_copies < 1:
-        p.append(f"method.lv_copies: {m.lv_copies} is not allowed; need >= 1 (2 is usual)")
-    if m.name == "refl":
-        w = m.refl_window
-        if len(w) != 2 or not 1 <= w[0] <= w[1] <= T:
-            p.append(f"method.refl_window: {w} is not allowed; need [t1, t2] with 1 <= t1 <= t2 <= num_steps={T}")
-    if m.name == "alignprop" and m.alignprop_range is not None:
-        r = m.alignprop_range
-        if len(r) != 2 or not 1 <= r[0] <= r[1] <= T:
-            p.append(f"method.alignprop_range: {r} is not allowed; need [lo, hi] with 1 <= lo <= hi <= num_steps={T}")
+    p += methods.check(m, T)
 
     if cfg.lora.rank < 1:
         p.append(f"lora.rank: {cfg.lora.rank} is not allowed; need an integer >= 1")

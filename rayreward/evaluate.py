@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from rayreward import models, sampling
+from rayreward import methods, models, sampling
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def render(c: models.Components, prompts: Sequence[str], seeds: Sequence[int], s
     denoise = models.make_denoiser(unet or c.unet, cond, sampling_cfg.guidance_scale, amp)
     schedule = sampling.Schedule.from_scheduler(c.scheduler, sampling_cfg.num_steps).to(device)
     x_T = models.initial_noise([s for _, s in pairs], c, resolution, device)
-    res = sampling.sample(denoise, schedule, x_T, sampling.plan_inference(sampling_cfg.num_steps), eta=0.0)
+    res = sampling.sample(denoise, schedule, x_T, methods.plan_inference(sampling_cfg.num_steps), eta=0.0)
     return models.decode(c.vae, res.latents).cpu()
 
 

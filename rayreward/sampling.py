@@ -1,4 +1,4 @@
-"""One differentiable DDIM sampler; the six methods are step-selection rules fed to it.
+"""One differentiable DDIM sampler; the methods (rayreward/methods.py) are step plans fed to it.
 
 Notation (as in the README's methods table): T sampling steps, counted along the chain as positions n = 1..T (n = 1 is
 the first step, from x_T). A DDIM step is
@@ -16,11 +16,13 @@ callables only: no Ray, no I/O, no globals.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from rayreward.methods import StepPlan
 
 # denoise(x_t: (b, c, h, w), t: scalar long tensor) -> model output (b, c, h, w), already guided.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,20 +57,6 @@ class Schedule:
         return cls(ts, ac[ts].float(), abar_prev.float(), scheduler.config.prediction_type)
 
 
-@dataclass(frozen=True)
-class StepPlan:
-    """What one training sample of one method does along the chain."""
-
-    num_steps: int  # T
-    grad_steps: frozenset[int]  # positions whose denoiser call carries a parameter gradient
-    detach_input: bool = False  # DRTune: the denoiser sees sg(x_t) at every step
-    stop: int | None = None  # early stop: return x0_hat at this position; None = full chain
-    lv_copies: int = 0  # DRaFT-LV: n re-noised copies of the last step (0 = off)
-    # AlignProp: per sample, the first position that carries gradient (None = whole batch alike)
-    sample_grad_from: tuple[int, ...] | None = None
-    info: dict = field(default_factory=dict, compare=False)  # the random draws, for logging
-
-
 @dataclass
 class StepRecord:
     position: int  # n, 1..T
@@ -91,84 +79,6 @@ class SampleResult:
 def copy_mean(values: torch.Tensor, copies: int) -> torch.Tensor:
     """Average over DRaFT-LV copies laid out as [copy 0 of all samples, copy 1, ...]. Shape: (n * b,) -> (b,)."""
     return values.view(copies, -1).mean(0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Step-selection rules, one per method. `g` seeds every random draw.
-
-
-def _randint(lo: int, hi: int, g: torch.Generator | None) -> int:
-    """Uniform integer in {lo..hi}, both ends included."""
-    return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
-
-
-def plan_drtune(T: int, K: int, m: int, g: torch.Generator | None = None) -> StepPlan:
-    """K equally spaced steps with a random offset; detached input; early stop at t_min ~ U{1..m}.
-
-    stride = floor(T / K), s ~ U{1 .. T - (K - 1) * stride}, steps {s + i * stride}. t_min counts
-    from the end, so the chain stops at position T - t_min + 1 and returns x0_hat there; a
-    trained step after the stop does not run.
-    """
-    stride = T // K
-    s = _randint(1, T - (K - 1) * stride, g)
-    steps = [s + i * stride for i in range(K)]
-    t_min = _randint(1, m, g)
-    stop = T - t_min + 1
-    return StepPlan(T, frozenset(n for n in steps if n <= stop), detach_input=True, stop=stop,
-                    info={"offset": s, "stride": stride, "steps": steps, "t_min": t_min})
-
-
-def plan_draft(T: int) -> StepPlan:
-    """DRaFT: every step carries gradient, full chain."""
-    return StepPlan(T, frozenset(range(1, T + 1)))
-
-
-def plan_draft_k(T: int, K: int) -> StepPlan:
-    """DRaFT-K: the last K steps carry gradient, full chain."""
-    return StepPlan(T, frozenset(range(T - K + 1, T + 1)))
-
-
-def plan_draft_lv(T: int, n: int) -> StepPlan:
-    """DRaFT-LV: the chain without gradient, then n re-noised copies of the last step with it."""
-    return StepPlan(T, frozenset(), lv_copies=n)
-
-
-def plan_refl(T: int, window: tuple[int, int], g: torch.Generator | None = None) -> StepPlan:
-    """ReFL: t ~ U{t1..t2} counted from the end; no gradient before it; return x0_hat at t."""
-    t = _randint(window[0], window[1], g)
-    stop = T - t + 1
-    return StepPlan(T, frozenset({stop}), stop=stop, info={"t": t})
-
-
-def plan_alignprop(T: int, k_range: tuple[int, int], sample_gens: list) -> StepPlan:
-    """AlignProp: per sample k ~ U{lo..hi} (from that sample's generator); sample i
-    back-propagates through its last k steps."""
-    ks = [_randint(k_range[0], k_range[1], g) for g in sample_gens]
-    first = tuple(T - k + 1 for k in ks)
-    return StepPlan(T, frozenset(range(min(first), T + 1)), sample_grad_from=first, info={"k": ks})
-
-
-def make_plan(method, T: int, batch: int, g: torch.Generator | None = None, sample_gens: list | None = None) -> StepPlan:
-    """The plan of one training step from a `MethodConfig`. Per-batch draws use `g`; per-sample
-    draws (AlignProp) use `sample_gens` (one generator per sample; default: `g` for all)."""
-    if method.name == "drtune":
-        return plan_drtune(T, method.k, method.early_stop_m, g)
-    if method.name == "draft":
-        return plan_draft(T)
-    if method.name == "draft_k":
-        return plan_draft_k(T, method.k)
-    if method.name == "draft_lv":
-        return plan_draft_lv(T, method.lv_copies)
-    if method.name == "refl":
-        return plan_refl(T, tuple(method.refl_window), g)
-    if method.name == "alignprop":
-        return plan_alignprop(T, tuple(method.alignprop_range or (1, T)), sample_gens or [g] * batch)
-    raise ValueError(f"method.name: {method.name!r} is unknown")
-
-
-def plan_inference(T: int) -> StepPlan:
-    """Plain sampling: no gradient anywhere, full chain."""
-    return StepPlan(T, frozenset())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +107,8 @@ def _randn_like(x: torch.Tensor, g: Generators) -> torch.Tensor:
         device = g.device if g is not None else x.device
         return torch.randn(x.shape, generator=g, device=device, dtype=x.dtype).to(x.device)
     b = len(g)
-    assert x.shape[0] % b == 0, f"{x.shape[0]} rows for {b} per-sample generators"
+    if x.shape[0] % b:
+        raise ValueError(f"{x.shape[0]} rows of noise for {b} per-sample generators: need a multiple of {b}")
     rows = [torch.randn((1, *x.shape[1:]), generator=g[r % b], device=g[r % b].device, dtype=x.dtype)
             for r in range(x.shape[0])]
     return torch.cat(rows).to(x.device)
@@ -222,7 +133,8 @@ def sample(
 
     `generator` draws the step noise (eta > 0) and DRaFT-LV's re-noising: one generator, or a
     list of b (one per sample, so that a sample's chain does not depend on its batch)."""
-    assert plan.num_steps == schedule.num_steps, (plan.num_steps, schedule.num_steps)
+    if plan.num_steps != schedule.num_steps:
+        raise ValueError(f"the plan has {plan.num_steps} steps and the schedule {schedule.num_steps}")
     trace: list[StepRecord] = []
 
     def call(x_in: torch.Tensor, t: torch.Tensor, grad: bool) -> torch.Tensor:

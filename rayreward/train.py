@@ -226,7 +226,7 @@ class Worker:
         prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
         side = cfg.model.resolution // self.c.vae_scale_factor
         x_T = torch.cat([torch.randn((1, self.c.unet.config.in_channels, side, side), generator=g) for g in gens])
-        plan = sampling.make_plan(cfg.method, cfg.sampling.num_steps, B,
+        plan = methods.make_plan(cfg.method, cfg.sampling.num_steps, B,
                                   torch.Generator().manual_seed(_seed(seed, step, "plan")), sample_gens=gens)
         noise = [torch.Generator().manual_seed(_seed(seed, step, "noise", i)) for i in mine]
         return prompts, x_T.to(self.device), plan, noise

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from rayreward import models, sampling
+from rayreward import methods, models, sampling
 from rayreward.config import LoraConfig, ModelConfig
 
 
@@ -61,7 +61,7 @@ def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, targets, tmp
     x_T = models.initial_noise(seeds, c, 32, "cpu")
     with torch.no_grad():
         res = sampling.sample(models.make_denoiser(c.unet, cond, 5.0), sampling.Schedule.from_scheduler(c.scheduler, 6),
-                              x_T, sampling.plan_inference(6))
+                              x_T, methods.plan_inference(6))
         ours = models.decode(c.vae, res.latents)
     pipe = DiffusionPipeline.from_pretrained(c.source)
     pipe.set_progress_bar_config(disable=True)

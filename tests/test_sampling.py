@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rayreward import sampling
+from rayreward import methods, sampling
 from rayreward.config import MethodConfig
-from rayreward.sampling import StepPlan
+from rayreward.methods import StepPlan
 
 
 def make_schedule(T: int, dtype=torch.float64) -> sampling.Schedule:
@@ -59,7 +59,7 @@ def grad_positions(den: LinearDenoiser) -> set[int]:
     (MethodConfig(name="draft_lv", lv_copies=2), 6, {6}),
 ])
 def test_deterministic_methods_train_exactly_their_steps(method, T, expected):
-    plan = sampling.make_plan(method, T, batch=2)
+    plan = methods.make_plan(method, T, batch=2)
     res, den, sch, _ = run(plan, T)
     res.latents.sum().backward()
     assert grad_positions(den) == expected
@@ -73,7 +73,7 @@ def test_drtune_plan_equally_spaced_with_the_design_offset_range():
         stride = T // K
         offsets, tmins = set(), set()
         for seed in range(400):
-            p = sampling.plan_drtune(T, K, m, torch.Generator().manual_seed(seed))
+            p = methods.plan_drtune(T, K, m, torch.Generator().manual_seed(seed))
             steps = p.info["steps"]
             assert p.info["stride"] == stride and len(steps) == K
             assert all(b - a == stride for a, b in zip(steps, steps[1:]))
@@ -131,11 +131,11 @@ def test_refl_window_and_single_trained_step():
     T, window = 10, (1, 4)
     stops = set()
     for seed in range(200):
-        p = sampling.plan_refl(T, window, torch.Generator().manual_seed(seed))
+        p = methods.plan_refl(T, window, torch.Generator().manual_seed(seed))
         assert p.grad_steps == frozenset({p.stop}) and not p.detach_input
         stops.add(p.stop)
     assert stops == set(range(T - window[1] + 1, T - window[0] + 2))  # positions 7..10
-    plan = sampling.plan_refl(T, window, torch.Generator().manual_seed(3))
+    plan = methods.plan_refl(T, window, torch.Generator().manual_seed(3))
     res, den, _, _ = run(plan, T)
     res.latents.sum().backward()
     assert grad_positions(den) == {plan.stop}
@@ -153,7 +153,7 @@ def test_alignprop_per_sample_truncation():
         assert grad_positions(den) == set(range(f, T + 1)), i
     ks = set()
     for seed in range(200):
-        p = sampling.plan_alignprop(T, (2, 4), [torch.Generator().manual_seed(seed)] * 4)
+        p = methods.plan_alignprop(T, (2, 4), [torch.Generator().manual_seed(seed)] * 4)
         assert all(2 <= T - f + 1 <= 4 for f in p.sample_grad_from)
         assert p.grad_steps == frozenset(range(min(p.sample_grad_from), T + 1))
         ks.update(p.info["k"])
@@ -163,11 +163,11 @@ def test_alignprop_per_sample_truncation():
 def test_draft_lv_renoises_the_detached_output_n_times():
     T, n, B = 6, 3, 2
     g = torch.Generator().manual_seed(7)
-    res, den, sch, x_T = run(sampling.plan_draft_lv(T, n), T, B=B, generator=g)
+    res, den, sch, x_T = run(methods.plan_draft_lv(T, n), T, B=B, generator=g)
     assert res.latents.shape == (n * B, 4, 3, 3) and res.copies == n
     assert [r.grad for r in res.trace] == [False] * T + [True]
     # the anchor x0: the plain chain
-    anchor, _, _, _ = run(sampling.plan_inference(T), T, B=B, x_T=x_T)
+    anchor, _, _, _ = run(methods.plan_inference(T), T, B=B, x_T=x_T)
     # invert x0_i = (x1_i - s1 * (w x1_i + c)) / a1 to get x1_i, then z_i = (x1_i - a1 * x0) / s1
     a1, s1 = sch.abar[-1].sqrt(), (1 - sch.abar[-1]).sqrt()
     w, c = den.w[-1].detach(), den.c[-1].detach()
@@ -189,7 +189,7 @@ def test_full_chain_matches_diffusers_ddim_step():
     ours = sampling.Schedule.from_scheduler(sch, T)
     den = lambda x, t: 0.1 * x + 0.01 * t  # noqa: E731
     x = torch.randn(1, 4, 3, 3, generator=torch.Generator().manual_seed(0))
-    res = sampling.sample(den, ours, x, sampling.plan_inference(T))
+    res = sampling.sample(den, ours, x, methods.plan_inference(T))
     ref = x.clone()
     for t in sch.timesteps:
         ref = sch.step(den(ref, t), t, ref, eta=0.0).prev_sample
@@ -220,7 +220,7 @@ def test_no_grad_steps_do_not_build_a_graph_through_the_denoiser():
     assert seen == [False, True, False, False, False]
 
 
-@pytest.mark.parametrize("plan", [sampling.plan_draft(5), sampling.plan_draft_lv(5, 2)], ids=["draft", "draft_lv"])
+@pytest.mark.parametrize("plan", [methods.plan_draft(5), methods.plan_draft_lv(5, 2)], ids=["draft", "draft_lv"])
 def test_per_sample_generators_make_a_sample_independent_of_its_batch(plan):
     """Step noise (eta > 0) and DRaFT-LV's re-noising come from each sample's own generator: a
     batch of 4 is the two batches of 2 side by side (what 2 data-parallel workers compute)."""

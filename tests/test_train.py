@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayreward import config, models, train
+from rayreward import config, methods, models, train
 from rayreward.config import LossConfig
 from rayreward.rewards import reward_loss
 
@@ -159,7 +159,7 @@ def test_a_step_that_trains_nothing_leaves_the_lora_untouched(tmp_path):
     from rayreward import sampling
 
     cfg = quick_cfg(tmp_path, "method.k=1", "method.early_stop_m=4", "train.steps=8")
-    empty = [s for s in range(8) if not sampling.make_plan(
+    empty = [s for s in range(8) if not methods.make_plan(
         cfg.method, 4, 2, torch.Generator().manual_seed(train._seed(cfg.train.seed, s, "plan"))).grad_steps]
     first = next(s for s in empty if s > 0)  # an empty step after trained ones: AdamW has momentum
     w = train.Worker(cfg, torch.device("cpu"))
