@@ -21,8 +21,7 @@ import time
 import torch
 
 from rayreward import config, methods, models, sampling
-from rayreward.rewards import build_composite
-from rayreward.rewards import reward_and_loss
+from rayreward.rewards.composite import build_composite, reward_and_loss
 
 METHODS = list(methods.METHODS)
 

@@ -19,7 +19,7 @@ def _usage_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean: the input is wrong (exit 2)."""
     from rayreward.config import ConfigError
     from rayreward.models import LoraFileError, ModelLoadError
-    from rayreward.reward_models import RewardLoadError
+    from rayreward.rewards import RewardLoadError
     from rayreward.runfolder import CheckpointError, RunFolderBusy
 
     return (ConfigError, ModelLoadError, RewardLoadError, LoraFileError, CheckpointError, RunFolderBusy,
@@ -235,7 +235,7 @@ def cmd_score(args) -> int:
     from PIL import Image
 
     from rayreward.config import RewardSpec
-    from rayreward.rewards import build_composite
+    from rayreward.rewards.composite import build_composite
 
     from rayreward.runtime import check_device
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from rayreward import methods
+from rayreward import methods, rewards
 
 METHODS = tuple(methods.METHODS)
 TINY_MODELS = ("tiny", "tiny-sdxl")
@@ -79,7 +79,7 @@ MethodConfig = methods.config_class()
 
 @dataclass
 class RewardSpec:
-    name: str = "symmetry"  # registered reward name (see `rayreward.rewards.REGISTRY`)
+    name: str = "symmetry"  # registered reward name (rayreward/rewards/__init__.py) or "module:factory"
     weight: float = 1.0  # weight in the composite reward (a weighted sum)
     args: dict = field(default_factory=dict)  # keyword arguments of the reward factory
 
@@ -263,8 +263,6 @@ def _looks_like_path(name: str) -> bool:
 
 def validate(cfg: Config) -> list[str]:
     """Every problem with `cfg` as 'field: value ...; allowed ...' lines (empty if none)."""
-    from rayreward.rewards import REGISTRY, is_import_path
-
     p: list[str] = []
     T = cfg.sampling.num_steps
     m = cfg.method
@@ -298,11 +296,8 @@ def validate(cfg: Config) -> list[str]:
     if not cfg.rewards:
         p.append("rewards: empty; name at least one reward, e.g. [{name: symmetry}]")
     for i, r in enumerate(cfg.rewards):
-        if r.name not in REGISTRY and not is_import_path(r.name):
-            p.append(
-                f"rewards[{i}].name: {r.name!r} is unknown; allowed: {', '.join(sorted(REGISTRY))}"
-                " or a 'module:function' path"
-            )
+        if not rewards.known(r.name):
+            p.append(rewards.unknown_message(f"rewards[{i}].name", r.name))
 
     t = cfg.train
     for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from rayreward.config import LossConfig, RewardSpec
-from rayreward.rewards import build_composite, reward_and_loss
+from rayreward.rewards.composite import build_composite, reward_and_loss
 
 
 class RewardServer:

@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 
 from rayreward import config as config_mod
-from rayreward import evaluate, models, runfolder, runtime, sampling
+from rayreward import evaluate, methods, models, runfolder, runtime, sampling
 from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
-from rayreward.rewards import build_composite, reward_and_loss
+from rayreward.rewards.composite import build_composite, reward_and_loss
 
 
 
@@ -455,7 +455,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
         if cfg.model.name in config_mod.TINY_MODELS:
             models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
         if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
-            from rayreward.reward_models import tiny_clip_dir
+            from rayreward.rewards.clip import tiny_clip_dir
 
             tiny_clip_dir()
         fixed = runtime.init_ray()

@@ -15,7 +15,7 @@ from test_package_rewards import TINY_HPS, bert_tokenizer_cache, imagereward_fil
 
 from rayreward import config, train
 from rayreward import tune as rtune
-from rayreward.reward_models import AestheticMLP
+from rayreward.rewards.clip import AestheticMLP
 
 FILES = sorted(p.relative_to(ROOT / "experiments").as_posix() for p in (ROOT / "experiments").rglob("*.yaml"))
 SMOKE = ["train.steps=2", "train.batch_size=1", "train.checkpoint_every=1", "sampling.num_steps=4",
@@ -31,7 +31,7 @@ def is_sweep(path) -> bool:
 @pytest.fixture(scope="module")
 def tiny_reward_args(tmp_path_factory):
     """Reward name -> args that load tiny weights of the real classes."""
-    from rayreward.package_rewards import require
+    from rayreward.rewards.packages import require
 
     d = tmp_path_factory.mktemp("rewards")
     oc = require("hpsv2.src.open_clip", "hpsv21")

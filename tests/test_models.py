@@ -193,7 +193,8 @@ def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
     import time
 
     from rayreward import hub
-    from rayreward.reward_models import RewardLoadError, pickscore
+    from rayreward.rewards import RewardLoadError
+    from rayreward.rewards.clip import pickscore
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "_reachable", lambda: False)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from test_reward_models import smooth_images, to_pil
 
-from rayreward.package_rewards import require
-from rayreward.reward_models import RewardLoadError
+from rayreward.rewards import RewardLoadError
+from rayreward.rewards.packages import require
 from rayreward.rewards import build_reward
 
 TINY_HPS = {"embed_dim": 16,

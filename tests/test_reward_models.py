@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
-from rayreward import reward_models
+from rayreward.rewards import RewardLoadError
+from rayreward.rewards import clip as reward_models
 from rayreward.rewards import build_reward
 
 
@@ -98,18 +99,18 @@ def test_image_gradient_matches_finite_differences(name, tmp_path):
 
 
 def test_reward_model_bad_inputs(tmp_path, monkeypatch):
-    with pytest.raises(reward_models.RewardLoadError, match=r"head '.*missing.pth' does not exist.*args.head"):
+    with pytest.raises(RewardLoadError, match=r"head '.*missing.pth' does not exist.*args.head"):
         build_reward("aesthetic", head=str(tmp_path / "missing.pth"), model="tiny")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(reward_models.RewardLoadError, match="not a readable state dict"):
+    with pytest.raises(RewardLoadError, match="not a readable state dict"):
         build_reward("aesthetic", head=str(tmp_path / "text.pth"), model="tiny")
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(reward_models.RewardLoadError, match="not in the LAION MLP layout"):
+    with pytest.raises(RewardLoadError, match="not in the LAION MLP layout"):
         build_reward("aesthetic", head=str(tmp_path / "other.pth"), model="tiny")
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(reward_models.RewardLoadError, match=r"pickscore: cannot load 'nobody/no-clip'.*args.model"):
+    with pytest.raises(RewardLoadError, match=r"pickscore: cannot load 'nobody/no-clip'.*args.model"):
         build_reward("pickscore", model="nobody/no-clip", processor="tiny")
     with pytest.raises(ValueError, match="dtype 'float8' is unknown"):
         build_reward("clipscore", model="tiny", dtype="float8")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rayreward import rewards
+from rayreward.rewards.composite import build_composite
 from rayreward.config import RewardSpec
 
 
@@ -33,7 +34,7 @@ def test_rewards_are_differentiable_in_the_images():
 
 
 def test_composite_is_a_weighted_sum_with_components():
-    comp = rewards.build_composite([RewardSpec("symmetry", 2.0), RewardSpec("brightness", -1.0),
+    comp = build_composite([RewardSpec("symmetry", 2.0), RewardSpec("brightness", -1.0),
                                     RewardSpec("brightness", 0.5)])
     img = torch.rand(3, 3, 4, 4)
     total, parts = comp(img, ["a"] * 3)
@@ -110,7 +111,7 @@ def test_score_cli_bad_inputs(tmp_path, argv, needle):
 
 
 def test_a_reward_of_the_wrong_shape_is_a_clear_error():
-    from rayreward.rewards import CompositeReward
+    from rayreward.rewards.composite import CompositeReward
 
     one_number = CompositeReward(["total"], [1.0], [lambda images, prompts: images.mean()])
     with pytest.raises(ValueError, match=r"reward total returned shape \(\) for 2 images; a reward returns one value"):

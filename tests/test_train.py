@@ -9,7 +9,7 @@ import torch
 
 from rayreward import config, methods, models, train
 from rayreward.config import LossConfig
-from rayreward.rewards import reward_loss
+from rayreward.rewards.composite import reward_loss
 
 from helpers import ROOT, quick_cfg, rows
 
@@ -142,7 +142,7 @@ def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta)
 def test_draft_lv_hinge_loss_is_the_mean_of_the_copies_losses():
     """Rewards 1.0 and 3.4 for the two copies of one sample, hinge margin 2: the copies' losses
     are 1.0 and 0.0, so the loss is 0.5 (the hinge of the mean reward 2.2 would be 0)."""
-    from rayreward.rewards import CompositeReward, reward_and_loss
+    from rayreward.rewards.composite import CompositeReward, reward_and_loss
 
     first_pixel = CompositeReward(["r"], [1.0], [lambda images, prompts: images.flatten(1)[:, 0]])
     images = torch.zeros(2, 3, 2, 2)

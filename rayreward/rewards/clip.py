@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from rayreward.rewards import register_reward
+from rayreward.rewards import RewardLoadError
+from rayreward.rewards.common import dtype_of, load_pretrained, read_state_dict, resize_crop_normalize
 
 CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -65,25 +66,6 @@ def _source(name: str | None) -> str | None:
     return str(tiny_clip_dir()) if name == "tiny" else name
 
 
-class RewardLoadError(RuntimeError):
-    """A reward model could not be loaded; the message names the source and the config key."""
-
-
-def _load(what: str, fn, source: str, key: str):
-    from rayreward import hub
-    from rayreward.runtime import first_line
-
-    local_only = not Path(source).expanduser().exists() and hub.offline()
-    try:
-        return fn(source, local_files_only=local_only)
-    except (OSError, ValueError) as e:
-        raise RewardLoadError(
-            f"reward {what}: cannot load {source!r} ({first_line(e)}){'; ' + hub.why_offline() if local_only else ''}. Set "
-            f"rewards[].args.{key} to a local folder or file holding it, or make the hub reachable (unset "
-            "HF_HUB_OFFLINE) to download it once."
-        ) from None
-
-
 def _field(size, key: str) -> int:
     """An image processor's size: an int, a dict, or (transformers 5) a SizeDict."""
     if isinstance(size, int):
@@ -95,31 +77,6 @@ def _field(size, key: str) -> int:
 def _features(out) -> torch.Tensor:
     """get_image/text_features: a tensor in transformers 4, a ModelOutput in 5."""
     return out if torch.is_tensor(out) else out.pooler_output
-
-
-def resize_crop_normalize(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float],
-                          crop_rounding: str = "floor") -> torch.Tensor:
-    """Differentiable "resize the shortest edge, center crop, normalise", bicubic with antialias.
-
-    Sizes follow the reference processors exactly: the long edge is int(size * long / short) (both
-    transformers' and torchvision's rule); the crop's offset is floor((h - crop) / 2) in
-    transformers' processors and round() in torchvision's CenterCrop (`crop_rounding="round"`).
-    Shape: (b, 3, h, w) in [0, 1] -> (b, 3, crop, crop).
-    """
-    h, w = images.shape[-2:]
-    if h <= w:
-        new_h, new_w = size, int(size * w / h)
-    else:
-        new_h, new_w = int(size * h / w), size
-    x = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    if crop_rounding == "floor":
-        top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    else:
-        top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))
-    x = x[..., top:top + crop, left:left + crop]
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def clip_preprocess(images: torch.Tensor, size: int, crop: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -135,9 +92,9 @@ class ClipScorer(torch.nn.Module):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         model, processor = _source(model), _source(processor or model)
-        self.model = _load(what, CLIPModel.from_pretrained, model, "model")  # fp32, cast below (transformers 4 and 5)
-        ip = _load(what, CLIPImageProcessor.from_pretrained, processor, "processor")
-        self.tokenizer = _load(what, AutoTokenizer.from_pretrained, processor, "processor")
+        self.model = load_pretrained(what, CLIPModel.from_pretrained, model, "model")  # fp32, cast below (transformers 4 and 5)
+        ip = load_pretrained(what, CLIPImageProcessor.from_pretrained, processor, "processor")
+        self.tokenizer = load_pretrained(what, AutoTokenizer.from_pretrained, processor, "processor")
         self.size = _field(ip.size, "shortest_edge")
         self.crop = _field(ip.crop_size, "height")
         self.mean, self.std = list(ip.image_mean), list(ip.image_std)
@@ -160,18 +117,10 @@ class ClipScorer(torch.nn.Module):
         return e / e.norm(dim=-1, keepdim=True)
 
 
-def _dtype(name: str) -> torch.dtype:
-    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in allowed:
-        raise ValueError(f"dtype {name!r} is unknown; allowed: {', '.join(allowed)}")
-    return allowed[name]
-
-
-@register_reward("pickscore")
 def pickscore(device="cpu", model: str = "yuvalkirstain/PickScore_v1", processor: str = CLIP_H14,
               dtype: str = "float32"):
     """PickScore: logit_scale.exp() * cos(text, image) of the PickScore_v1 CLIP-H/14."""
-    scorer = ClipScorer(model, processor, device, _dtype(dtype), "pickscore")
+    scorer = ClipScorer(model, processor, device, dtype_of(dtype), "pickscore")
 
     def reward(images, prompts):
         img, txt = scorer.image_embeds(images), scorer.text_embeds(prompts)
@@ -181,11 +130,10 @@ def pickscore(device="cpu", model: str = "yuvalkirstain/PickScore_v1", processor
     return reward
 
 
-@register_reward("clipscore")
 def clipscore(device="cpu", model: str = CLIP_L14, processor: str | None = None, weight: float = 2.5,
               dtype: str = "float32"):
     """CLIPScore (Hessel et al.): weight * max(cos(text, image), 0)."""
-    scorer = ClipScorer(model, processor, device, _dtype(dtype), "clipscore")
+    scorer = ClipScorer(model, processor, device, dtype_of(dtype), "clipscore")
 
     def reward(images, prompts):
         img = scorer.image_embeds(images)
@@ -208,20 +156,6 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(x)
 
 
-def read_state_dict(what: str, path: Path) -> dict:
-    """A state dict from .pt/.pth (weights_only: no pickled code runs) or .safetensors; `what`
-    starts the error message of an unreadable file."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise RewardLoadError(f"{what} is not a readable state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
 def load_aesthetic_head(path: str | Path, dim: int) -> AestheticMLP:
     """The MLP from a .pth / .safetensors state dict, without running pickled code."""
     p = Path(path).expanduser()
@@ -238,11 +172,10 @@ def load_aesthetic_head(path: str | Path, dim: int) -> AestheticMLP:
     return head
 
 
-@register_reward("aesthetic")
 def aesthetic(device="cpu", head: str = "sac+logos+ava1-l14-linearMSE.pth", model: str = CLIP_L14,
               processor: str | None = None, dtype: str = "float32"):
     """LAION aesthetic score: MLP(normalised CLIP ViT-L/14 image embedding)."""
-    scorer = ClipScorer(model, processor, device, _dtype(dtype), "aesthetic")
+    scorer = ClipScorer(model, processor, device, dtype_of(dtype), "aesthetic")
     mlp = load_aesthetic_head(head, scorer.model.config.projection_dim).eval().requires_grad_(False).to(device)
 
     def reward(images, prompts):
@@ -251,6 +184,3 @@ def aesthetic(device="cpu", head: str = "sac+logos+ava1-l14-linearMSE.pth", mode
 
     reward.scorer, reward.head = scorer, mlp
     return reward
-
-
-from rayreward import package_rewards  # noqa: E402,F401  (hpsv2, hpsv21, imagereward; their packages load lazily)

@@ -17,11 +17,9 @@ from typing import Sequence
 
 import torch
 
-from rayreward.reward_models import RewardLoadError, _dtype, read_state_dict, resize_crop_normalize
-from rayreward.rewards import register_reward
+from rayreward.rewards import RewardLoadError
+from rayreward.rewards.common import OPENAI_MEAN, OPENAI_STD, dtype_of, fetch, load_state, resize_crop_normalize
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv21": "HPS_v2.1_compressed.pt"}
 IMAGEREWARD_REPO = "THUDM/ImageReward"
@@ -40,46 +38,6 @@ def require(module: str, what: str):
     except ImportError as e:
         raise RewardLoadError(f"reward {what}: {top} is installed but does not import ({e}). The versions it works "
                               f"with are the '{extra}' extra in pyproject.toml, pinned in constraints.txt") from None
-
-
-def fetch(what: str, source: str, filename: str, key: str) -> Path:
-    """A checkpoint file: `source` is the file itself, a folder holding `filename`, or a hub repo id."""
-    p = Path(source).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        if (p / filename).is_file():
-            return p / filename
-        raise RewardLoadError(f"reward {what}: folder {source!r} has no {filename}. Set rewards[].args.{key} to the "
-                              f"file itself or a folder holding {filename}")
-    if source.startswith((".", "/", "~")) or source.endswith((".pt", ".pth", ".bin", ".safetensors", ".json")):
-        raise RewardLoadError(f"reward {what}: {key} {source!r} does not exist. Set rewards[].args.{key} to a local "
-                              f"{filename} or a hub repo id")
-    from huggingface_hub import hf_hub_download
-
-    from rayreward import hub
-    from rayreward.runtime import first_line
-
-    local_only = hub.offline()
-    try:
-        return Path(hf_hub_download(source, filename, local_files_only=local_only))
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, missing file: all the same user error
-        first = first_line(e) + (f"; {hub.why_offline()}" if local_only else "")
-        raise RewardLoadError(
-            f"reward {what}: cannot get {filename} from the hub repo {source!r} ({type(e).__name__}: {first}). Set "
-            f"rewards[].args.{key} to a local copy of {filename}, or make the hub reachable (unset HF_HUB_OFFLINE) to "
-            "download it once") from None
-
-
-def load_state(what: str, path: Path) -> dict:
-    """A state dict from .pt/.pth (weights_only: no pickled code runs) or .safetensors; a
-    {'state_dict': ...} wrapper (HPS checkpoints) is unwrapped."""
-    state = read_state_dict(f"reward {what}: {str(path)!r}", path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise RewardLoadError(f"reward {what}: {str(path)!r} holds no state dict of tensors")
-    return state
 
 
 def _check_keys(what: str, path: Path, model: torch.nn.Module, state: dict, strict: bool) -> None:
@@ -135,7 +93,7 @@ class HPSScorer(torch.nn.Module):
 
 def _hps(what: str):
     def factory(device="cpu", checkpoint: str = HPS_REPO, arch: str = "ViT-H-14", dtype: str = "float32"):
-        scorer = HPSScorer(what, checkpoint, arch, device, _dtype(dtype))
+        scorer = HPSScorer(what, checkpoint, arch, device, dtype_of(dtype))
 
         def reward(images, prompts):
             return scorer(images, prompts)
@@ -146,7 +104,7 @@ def _hps(what: str):
     factory.__name__ = what
     factory.__doc__ = (f"HPS {'v2.1' if what == 'hpsv21' else 'v2.0'}: cos(image, text) of hpsv2's ViT-H-14 "
                        f"with {HPS_FILES[what]} (hub {HPS_REPO}, or a local file/folder in `checkpoint`).")
-    return register_reward(what)(factory)
+    return factory
 
 
 hpsv2 = _hps("hpsv2")
@@ -206,11 +164,10 @@ class ImageRewardScorer(torch.nn.Module):
         return ((r - m.mean) / m.std).squeeze(-1)
 
 
-@register_reward("imagereward")
 def imagereward(device="cpu", checkpoint: str = IMAGEREWARD_REPO, med_config: str | None = None,
                 dtype: str = "float32"):
     """ImageReward v1.0: ImageReward.pt + med_config.json (hub THUDM/ImageReward or local paths)."""
-    scorer = ImageRewardScorer(checkpoint, med_config, device, _dtype(dtype))
+    scorer = ImageRewardScorer(checkpoint, med_config, device, dtype_of(dtype))
 
     def reward(images, prompts):
         return scorer(images, prompts)
