@@ -119,7 +119,6 @@ class TrainConfig:
     # seconds to wait for the cluster to place the workers and reward actors (autoscaling
     # included) before the run stops with a message naming what is missing
     start_timeout_s: float = 600.0
-    fail_at_step: int | None = None  # fault injection for tests: rank 0 dies once at this step
 
 
 @dataclass
@@ -130,7 +129,6 @@ class RewardServerConfig:
     num_gpus: float = 0.0  # remote: GPUs per reward actor (the reward runs on cuda when > 0)
     resources: dict = field(default_factory=dict)  # remote: custom resources, e.g. {reward_host: 1}
     max_restarts: int = 3  # remote: restarts of a dead reward actor (its calls are retried)
-    fail_after_calls: int | None = None  # fault injection for tests: replica 0 dies once after N calls
 
 
 @dataclass
@@ -305,8 +303,6 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.{key}: {getattr(t, key)} is not allowed; need an integer >= 1")
     if t.max_failures < -1:
         p.append(f"train.max_failures: {t.max_failures} is not allowed; need >= 0, or -1 for unlimited")
-    if t.fail_at_step is not None and not 0 <= t.fail_at_step < max(t.steps, 1):
-        p.append(f"train.fail_at_step: {t.fail_at_step} is outside [0, train.steps={t.steps})")
     rs = cfg.reward_server
     if rs.mode not in REWARD_MODES:
         p.append(f"reward_server.mode: {rs.mode!r} is unknown; allowed: {', '.join(REWARD_MODES)}")
@@ -381,6 +377,25 @@ def apply_override(data: dict, assignment: str) -> None:
         node[last] = value
 
 
+# Keys of older versions that are gone. A saved config.yaml of an older run holds them as null,
+# which is dropped; a value is an error that says where the setting went.
+RETIRED = {
+    ("train", "fail_at_step"): "fault injection is a test hook now: the RAYREWARD_FAULT_STEP environment variable",
+    ("reward_server", "fail_after_calls"): "fault injection is a test hook now: the RAYREWARD_FAULT_REWARD_CALLS "
+                                           "environment variable",
+}
+
+
+def _drop_retired(data: dict) -> list[str]:
+    problems = []
+    for (section, key), where in RETIRED.items():
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            if node.pop(key) is not None:
+                problems.append(f"{section}.{key}: this setting was removed; {where}")
+    return problems
+
+
 def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build and validate a Config from the defaults, `data` and `key=value` overrides."""
     data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy, plain types only
@@ -392,7 +407,7 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
         if top in defaults and isinstance(defaults[top], list) and top not in data:
             data[top] = defaults[top]
         apply_override(data, assignment)
-    problems: list[str] = []
+    problems: list[str] = _drop_retired(data)
     cfg = _build(Config, data, "", problems)
     if not problems:
         problems = validate(cfg)

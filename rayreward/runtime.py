@@ -1,5 +1,6 @@
 """The Ray side of a run, shared by `train`, `tune` and `eval`: joining or starting Ray, what a
-run asks of the cluster, waiting for it with a deadline, and the autocast choice.
+run asks of the cluster, waiting for it with a deadline, the reward actors and the one decision
+of where rewards run, the device and autocast choice.
 
 Every wait here ends: an unreachable RAY_ADDRESS fails in seconds, and resources the cluster
 cannot provide fail after `train.start_timeout_s` with a message that names what is missing.
@@ -7,11 +8,14 @@ cannot provide fail after `train.start_timeout_s` with a message that names what
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -26,6 +30,10 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_S = "0.05"
 VERBOSE_ENV = "RAYREWARD_VERBOSE"  # set by `rayreward --verbose`: workers keep Ray's error tracebacks
+# Fault injection, for tests only (never in a config): training worker 0 exits once at this step;
+# reward actor 0 exits once after this many calls. The driver passes both on to the cluster.
+FAULT_STEP_ENV = "RAYREWARD_FAULT_STEP"
+FAULT_REWARD_CALLS_ENV = "RAYREWARD_FAULT_REWARD_CALLS"
 
 
 class ClusterError(RuntimeError):
@@ -203,13 +211,96 @@ def wait_for_resources(cfg) -> None:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for the training workers: our print patch setting, and the caches."""
-    keep = ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", REPORT_POLL_ENV, VERBOSE_ENV)
+    """Environment for the training workers: our print patch setting, the caches, test hooks."""
+    keep = ("RAYREWARD_CACHE", "HF_HOME", "HF_HUB_OFFLINE", REPORT_POLL_ENV, VERBOSE_ENV, FAULT_STEP_ENV)
     return dict(WORKER_ENV, **{k: os.environ[k] for k in keep if k in os.environ})
 
 
 def shorten_report_poll() -> None:
     os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)
+
+
+def fault_step() -> int | None:
+    """The step at which worker 0 exits once (tests: RAYREWARD_FAULT_STEP), or None."""
+    value = os.environ.get(FAULT_STEP_ENV)
+    return int(value) if value else None
+
+
+def resolve_device(spec: str, field: str) -> torch.device:
+    """The device of a command's --device: "auto" is CUDA when there is one, else CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(spec, field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward actors, and where rewards run.
+
+
+def start_reward_actors(cfg) -> list:
+    """Start `reward_server.replicas` RewardServer actors with their resources (the driver does);
+    fail within train.start_timeout_s if they cannot be placed or built."""
+    import ray
+
+    from rayreward.serving import RewardServer
+
+    rs = cfg.reward_server
+    device = "cuda" if rs.num_gpus > 0 else "cpu"
+    actor = ray.remote(RewardServer).options(
+        num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, resources=dict(rs.resources) or None,
+        max_restarts=rs.max_restarts, max_task_retries=rs.max_restarts, max_concurrency=1)
+    specs = [vars(s) for s in cfg.rewards]
+    fault = os.environ.get(FAULT_REWARD_CALLS_ENV)
+    actors = [actor.remote(specs, vars(cfg.loss), device, int(fault) if fault and i == 0 else None)
+              for i in range(rs.replicas)]
+    try:
+        ray.get([a.pid.remote() for a in actors], timeout=cfg.train.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        raise ClusterError(f"the reward actors did not start within train.start_timeout_s={cfg.train.start_timeout_s:g} s "
+                           f"(each asks for {rs.num_cpus:g} CPU, {rs.num_gpus:g} GPU, {dict(rs.resources)}); see "
+                           "`ray status`") from None
+    return actors
+
+
+def stop_reward_actors(actors: list, record: Path | None = None) -> None:
+    """End the reward actors; with `record`, first write their state (restarts) there as JSON."""
+    import ray
+
+    if record is not None:
+        try:
+            states = ray.get([a.info.remote() for a in actors], timeout=30)
+        except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
+            states = [{"error": f"{type(e).__name__}: {first_line(e)}"}]
+        record.write_text(json.dumps(states, indent=1))
+        for i, st in enumerate(states):
+            if st.get("restarted"):
+                print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
+    for a in actors:
+        ray.kill(a)
+
+
+@contextlib.contextmanager
+def reward_client(cfg, device, rank: int = 0, actors: list | None = None):
+    """The one decision of where rewards run, from `reward_server.mode`: "local", in this process
+    on `device`; "remote", in reward actors: `actors` (started by the driver), else actors started
+    here and ended on exit (an in-process run or `eval`). Yields a serving.LocalReward or
+    serving.RemoteReward."""
+    from rayreward.serving import LocalReward, RemoteReward
+
+    if cfg.reward_server.mode == "local":
+        yield LocalReward(cfg.rewards, cfg.loss, device)
+        return
+    if actors:
+        yield RemoteReward(actors, rank)
+        return
+    init_ray()
+    own = start_reward_actors(cfg)
+    try:
+        yield RemoteReward(own, rank)
+    finally:
+        stop_reward_actors(own)
 
 
 def first_line(e: BaseException) -> str:

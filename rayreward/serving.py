@@ -1,6 +1,12 @@
-"""Reward models in Ray actors, and the gradient round trip.
+"""Reward clients (in-process or in Ray actors), the reward actor, and the gradient round trip.
 
-The driver starts `RewardServer` actors (own resources: GPUs, or a custom resource that only
+A worker scores through a client with two calls: `client(images, prompts, copies)` -> (loss,
+rewards, components), with a gradient path to the images, and `client.score_only(images,
+prompts)` -> {component: scores} for evaluation. `LocalReward` computes in this process;
+`RemoteReward` sends the images to `RewardServer` actors. Which one a run uses is decided once,
+from `reward_server.mode`, by `runtime.reward_client`.
+
+The driver starts `RewardServer` actors (runtime.start_reward_actors) (own resources: GPUs, or a custom resource that only
 reward nodes advertise) and passes their handles to the training workers. A worker sends
 `images.detach()` and the prompts; the actor computes the loss with its frozen reward, back-
 propagates to the images, and returns the loss, the rewards and dL/dimages. The worker continues
@@ -24,6 +30,7 @@ class RewardServer:
     """A reward model host: loads its rewards once, serves `score` calls. Run as a Ray actor."""
 
     def __init__(self, specs: list[dict], loss: dict, device: str = "cpu", fail_after_calls: int | None = None):
+        """`fail_after_calls` is a test hook (set by runtime from RAYREWARD_FAULT_REWARD_CALLS)."""
         import ray
 
         self.device = torch.device(device)
@@ -75,33 +82,25 @@ class RemoteLoss(torch.autograd.Function):
         return g * grad, None, None
 
 
-def start_reward_servers(cfg) -> list:
-    """Start `reward_server.replicas` actors with their resources; the driver calls this."""
-    import ray
+class LocalReward:
+    """The rewards in this process: the composite reward of `specs` and the loss of `loss_cfg`."""
 
-    rs = cfg.reward_server
-    device = "cuda" if rs.num_gpus > 0 else "cpu"
-    actor = ray.remote(RewardServer).options(
-        num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, resources=dict(rs.resources) or None,
-        max_restarts=rs.max_restarts, max_task_retries=rs.max_restarts, max_concurrency=1)
-    specs = [vars(s) for s in cfg.rewards]
-    actors = [actor.remote(specs, vars(cfg.loss), device, rs.fail_after_calls if i == 0 else None)
-              for i in range(rs.replicas)]
-    try:  # fail here, at start-up, if they cannot be placed or built
-        ray.get([a.pid.remote() for a in actors], timeout=cfg.train.start_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        for a in actors:
-            ray.kill(a)
-        from rayreward.runtime import ClusterError
+    def __init__(self, specs, loss_cfg: LossConfig, device):
+        self.reward = build_composite(specs, device=device)
+        self.loss_cfg, self.device = loss_cfg, torch.device(device)
 
-        raise ClusterError(f"the reward actors did not start within train.start_timeout_s={cfg.train.start_timeout_s:g} s "
-                           f"(each asks for {rs.num_cpus:g} CPU, {rs.num_gpus:g} GPU, {dict(rs.resources)}); see "
-                           "`ray status`") from None
-    return actors
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], copies: int = 1):
+        return reward_and_loss(self.reward, self.loss_cfg, images, prompts, copies)
+
+    @torch.no_grad()
+    def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        _, parts = self.reward(images.to(self.device, torch.float32), list(prompts))
+        return {k: v.float().cpu() for k, v in parts.items()}
 
 
 class RemoteReward:
-    """The worker side: same call as the in-process path, (loss, reward, components)."""
+    """The rewards in `RewardServer` actors: the same calls as `LocalReward`. Worker `rank`'s
+    n-th call goes to replica (rank + n) % replicas."""
 
     def __init__(self, actors: list, rank: int = 0):
         self.actors, self.rank, self.calls = actors, rank, 0
@@ -115,3 +114,10 @@ class RemoteReward:
         dev = images.device
         loss = RemoteLoss.apply(images, out["loss"].to(dev), out["grad"].to(dev, images.dtype))
         return loss, out["reward"].to(dev), {k: v.to(dev) for k, v in out["parts"].items()}
+
+    def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        import ray
+
+        actor = self.actors[(self.rank + self.calls) % len(self.actors)]
+        self.calls += 1
+        return ray.get(actor.score_only.remote(images.detach().cpu(), list(prompts)))

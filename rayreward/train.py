@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import logging
 import math
 import os
@@ -28,7 +27,6 @@ import torch
 from rayreward import config as config_mod
 from rayreward import evaluate, methods, models, runfolder, runtime, sampling
 from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
-from rayreward.rewards.composite import build_composite, reward_and_loss
 
 
 
@@ -172,35 +170,43 @@ class RewardGradientError(RuntimeError):
 
 
 @dataclass
+class StepTimes:
+    """Where one step's time went on this worker (seconds, perf_counter)."""
+
+    started: float  # perf_counter at the step's start
+    sample: float  # prompts, noise, plan, the sampling chain and the VAE decode
+    reward: float  # the reward and loss (in-process, or the round trip to a reward actor)
+
+
 class Worker:
-    """What one worker holds: models, LoRA, optimizer, reward (in-process or remote)."""
+    """What one worker holds for a run: models with the LoRA, optimizer, gradient sync, the
+    reward client (in-process or remote, chosen by runtime.reward_client) and the schedule."""
 
     cfg: config_mod.Config
     device: torch.device
-    rank: int = 0
-    world: int = 1
-    reward_actors: list | None = None  # remote rewards: RewardServer handles from the driver
-    c: models.Components = field(init=False)
+    rank: int
+    world: int
+    amp: torch.dtype | None  # autocast dtype of the UNet (None: fp32)
+    c: models.Components  # UNet (with LoRA), VAE, text encoder(s), tokenizer(s), scheduler
+    params: list[torch.nn.Parameter]  # the LoRA parameters, the only ones trained
+    sync: GradSync
+    optimizer: torch.optim.AdamW
+    score: Callable  # (images, prompts, copies) -> (loss, rewards, components): a serving.*Reward
+    schedule: sampling.Schedule
+    prompts: list[str]  # the training prompts
 
-    def __post_init__(self):
-        cfg = self.cfg
-        self.amp = runtime.autocast_dtype(cfg.train.mixed_precision, self.device)
+    def __init__(self, cfg: config_mod.Config, device: torch.device, score: Callable, rank: int = 0, world: int = 1):
+        self.cfg, self.device, self.score, self.rank, self.world = cfg, device, score, rank, world
+        self.amp = runtime.autocast_dtype(cfg.train.mixed_precision, device)
         self.c = models.load_components(cfg.model)
         if self.amp is not None:
             self.c.unet.to(self.amp)
-        self.c.to(self.device, self.amp)
+        self.c.to(device, self.amp)
         self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
-        self.sync = GradSync(self.params, self.world)
+        self.sync = GradSync(self.params, world)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        if self.reward_actors:
-            from rayreward.serving import RemoteReward
-
-            self.score = RemoteReward(self.reward_actors, self.rank)
-        else:
-            composite = build_composite(cfg.rewards, device=self.device)
-            self.score = lambda images, prompts, copies: reward_and_loss(composite, cfg.loss, images, prompts, copies)
-        self.schedule = sampling.Schedule.from_scheduler(self.c.scheduler, cfg.sampling.num_steps).to(self.device)
+        self.schedule = sampling.Schedule.from_scheduler(self.c.scheduler, cfg.sampling.num_steps).to(device)
         self.prompts = cfg.training_prompts()
         self._reward_checked = False  # the first grad-carrying step checks the reward has a gradient
 
@@ -231,7 +237,7 @@ class Worker:
         noise = [torch.Generator().manual_seed(_seed(seed, step, "noise", i)) for i in mine]
         return prompts, x_T.to(self.device), plan, noise
 
-    def forward_backward(self, step: int) -> tuple[StepStats, dict, sampling.SampleResult]:
+    def forward_backward(self, step: int) -> tuple[StepStats, StepTimes, sampling.SampleResult]:
         """Sample, reward, backward and average over workers; the LoRA .grad then holds the
         global batch's gradient. Returns the averaged statistics, timings and the sample."""
         cfg = self.cfg
@@ -268,8 +274,7 @@ class Worker:
         stats = StepStats(*values[:3], trained_calls=float(sum(rec.grad for rec in res.trace)),
                           parts=dict(zip(parts, values[3:])))
         stats = self.sync.average(stats)
-        times = {"s_sample": t_sample - t0, "s_reward": t_reward - t_sample, "t_start": t0}
-        return stats, times, res
+        return stats, StepTimes(t0, t_sample - t0, t_reward - t_sample), res
 
     def _no_gradient(self, what: str) -> "RewardGradientError":
         names = ", ".join(s.name for s in self.cfg.rewards)
@@ -289,10 +294,10 @@ class Worker:
         row = {"step": step, "reward_mean": stats.reward_mean, "reward_std": var**0.5,
                "loss": stats.loss, "grad_norm": gnorm, "stepped": int(stepped),
                "trained_steps": stats.trained_calls,  # grad-carrying UNet calls, mean over workers
-               "s_sample": times["s_sample"], "s_reward": times["s_reward"],
+               "s_sample": times.sample, "s_reward": times.reward,
                # backward + gradient all-reduce + optimizer step
-               "s_backward": t_end - times["t_start"] - times["s_sample"] - times["s_reward"],
-               "s_step": t_end - times["t_start"],
+               "s_backward": t_end - times.started - times.sample - times.reward,
+               "s_step": t_end - times.started,
                "time": time.time()}  # the step's end (unix seconds): steps' spacing is the run's real pace
         row.update({f"reward/{k}": v for k, v in stats.parts.items()})
         return row
@@ -309,10 +314,14 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
                  reward_actors: list | None = None) -> dict:
     """Train for cfg.train.steps; returns the last metrics row. `report(row, checkpoint_dir)` is
     called on every worker the same number of times (every step; with a folder on checkpoint
-    steps, rank 0 only)."""
-    out = Path(cfg.output_dir)
-    resume = resume or Resume()
-    w = Worker(cfg, torch.device(device), rank, world, reward_actors)
+    steps, rank 0 only). Rewards run where `reward_server.mode` says: with "remote", in
+    `reward_actors` (the driver's), else in actors started for this call."""
+    with runtime.reward_client(cfg, torch.device(device), rank, reward_actors) as score:
+        return _train(cfg, Worker(cfg, torch.device(device), score, rank, world), resume or Resume(), report)
+
+
+def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
+    out, rank, world = Path(cfg.output_dir), w.rank, w.world
     if resume.lora_state is not None:
         w.restore(resume)
     w.sync.broadcast_from_rank0()
@@ -332,7 +341,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
     skipped, row, recent = resume.skipped, {}, []
     for step in range(resume.step, cfg.train.steps):
-        _maybe_inject_fault(cfg, step, rank, out)
+        _maybe_inject_fault(step, rank, out)
         row = w.train_step(step)
         skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         row["skipped_total"] = skipped
@@ -343,7 +352,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
         if checkpoint_now:
             row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
             scale = max(1.0, float(sum(p.detach().abs().sum() for p in w.params)))
-            if not row["lora_divergence"] < 1e-6 * scale:
+            if not row["lora_divergence"] < 1e-6 * scale:  # a real check, not an assert: `python -O` keeps it
                 raise RuntimeError(f"workers' LoRA weights diverged ({row['lora_divergence']:.3g} at step {step}): "
                                    "the gradient sync is broken; please report it with metrics.csv")
         if main:
@@ -375,9 +384,9 @@ def progress_line(row: dict, steps: int) -> str:
             f"{row['s_step']:.2f} s/step{note}")
 
 
-def _maybe_inject_fault(cfg, step: int, rank: int, out: Path) -> None:
-    """train.fail_at_step (tests): rank 0's process dies at that step, once per output folder."""
-    if cfg.train.fail_at_step != step or rank != 0:
+def _maybe_inject_fault(step: int, rank: int, out: Path) -> None:
+    """Tests only (RAYREWARD_FAULT_STEP): rank 0's process dies at that step, once per output folder."""
+    if runtime.fault_step() != step or rank != 0:
         return
     marker = out / f".fault-injected-at-step-{step}"
     if not marker.exists():
@@ -437,8 +446,6 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from rayreward.serving import start_reward_servers
-
     cfg = prepare_run(cfg)
     out = Path(cfg.output_dir)
     try:
@@ -462,7 +469,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
         runtime.check_resources(cfg, ray.cluster_resources(), fixed)
         runtime.wait_for_resources(cfg)
         runtime.shorten_report_poll()
-        actors = start_reward_servers(cfg) if cfg.reward_server.mode == "remote" else None
+        actors = runtime.start_reward_actors(cfg) if cfg.reward_server.mode == "remote" else None
         stop: list[int] = []
 
         class Trainer(TorchTrainer):
@@ -504,23 +511,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
                 signal.signal(signal.SIGINT, handlers[0])
                 signal.signal(signal.SIGTERM, handlers[1])
             if actors:
-                _stop_reward_servers(actors, out)
+                runtime.stop_reward_actors(actors, record=out / "reward_servers.json")
         if stop:
             raise runtime.Interrupted(stop[0])
         return result
-
-
-def _stop_reward_servers(actors: list, out: Path) -> None:
-    """Record the reward actors' state (restarts) in reward_servers.json, then end them."""
-    import ray
-
-    try:
-        states = ray.get([a.info.remote() for a in actors], timeout=30)
-    except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
-        states = [{"error": f"{type(e).__name__}: {runtime.first_line(e)}"}]
-    (out / "reward_servers.json").write_text(json.dumps(states, indent=1))
-    for i, st in enumerate(states):
-        if st.get("restarted"):
-            print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
-    for a in actors:
-        ray.kill(a)

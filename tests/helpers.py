@@ -3,7 +3,10 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +24,13 @@ def quick_cfg(out: Path, *overrides: str):
     return config.load(ROOT / "experiments/quickstart.yaml",
                        [f"output_dir={out}", "train.steps=2", "train.batch_size=2", "sampling.num_steps=4",
                         "method.early_stop_m=2", "grid.seeds=[0]", "grid.prompts=[a cat]", *overrides])
+
+
+def make_worker(cfg, device: str = "cpu", rank: int = 0, world: int = 1):
+    """A training Worker scoring in-process (what runtime.reward_client gives for mode local)."""
+    from rayreward import serving, train
+
+    return train.Worker(cfg, torch.device(device), serving.LocalReward(cfg.rewards, cfg.loss, device), rank, world)
 
 
 def mean_red(device="cpu", scale: float = 1.0):
@@ -49,3 +59,22 @@ def detached_mean(device="cpu"):
 def zero_gradient(device="cpu"):
     """A reward on the graph whose gradient is zero everywhere."""
     return lambda images, prompts: (images * 0).mean(dim=(1, 2, 3)) + 1.0
+
+
+# Images and a small HPS architecture shared by the reward tests.
+
+def smooth_images(n=3, h=48, w=40, seed=0) -> torch.Tensor:
+    """Smooth random images, already quantised to uint8 levels (as PIL sees them)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, 6, 5, generator=g), size=(h, w), mode="bilinear", align_corners=False)
+    return (x * 255).round() / 255
+
+
+def to_pil(images: torch.Tensor) -> list:
+    arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+TINY_HPS = {"embed_dim": 16,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}

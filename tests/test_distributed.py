@@ -52,10 +52,10 @@ def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
     """Same batch, in-process vs a reward actor: equal loss and LoRA gradient (rtol 1e-5)."""
     cfg = quick_cfg(tmp_path, "rewards=[{name: symmetry, weight: 1.0}, {name: brightness, weight: 0.5}]",
                   "loss.kind=hinge", "loss.margin=1.0", "reward_server.mode=remote", "reward_server.replicas=2")
-    actors = serving.start_reward_servers(cfg)
+    actors = runtime.start_reward_actors(cfg)
     try:
-        local = train.Worker(cfg, torch.device("cpu"))
-        remote = train.Worker(cfg, torch.device("cpu"), reward_actors=actors)
+        local = train.Worker(cfg, torch.device("cpu"), serving.LocalReward(cfg.rewards, cfg.loss, "cpu"))
+        remote = train.Worker(cfg, torch.device("cpu"), serving.RemoteReward(actors))
         s_local, _, _ = local.forward_backward(0)
         s_remote, _, _ = remote.forward_backward(0)
         assert torch.allclose(s_local.pack(), s_remote.pack(), rtol=1e-5, atol=1e-7)  # loss, reward, components
@@ -68,9 +68,10 @@ def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
             ray_session.kill(a)
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session):
+def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setenv(runtime.FAULT_STEP_ENV, "3")  # worker 0 exits at step 3 (a test hook, not config)
     cfg = quick_cfg(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
-                  "train.max_failures=1", "train.fail_at_step=3")
+                  "train.max_failures=1")
     result = train.fit(cfg)
     assert result.error is None
     assert (tmp_path / ".fault-injected-at-step-3").exists()  # the worker did die
@@ -78,9 +79,9 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session)
     assert train.read_checkpoint(result.checkpoint.path).step == 6
 
 
-def test_a_killed_reward_actor_is_restarted_and_training_finishes(tmp_path, ray_session):
-    cfg = quick_cfg(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote",
-                  "reward_server.fail_after_calls=2")
+def test_a_killed_reward_actor_is_restarted_and_training_finishes(tmp_path, ray_session, monkeypatch):
+    monkeypatch.setenv(runtime.FAULT_REWARD_CALLS_ENV, "2")  # reward actor 0 exits after 2 calls
+    cfg = quick_cfg(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote")
     result = train.fit(cfg)
     assert result.error is None
     assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3]
@@ -95,8 +96,14 @@ def test_remote_mode_rejects_unplaceable_reward_servers_at_validation():
         config.from_dict({}, ["reward_server.mode=grpc"])
     with pytest.raises(config.ConfigError, match="reward_server.resources"):
         config.from_dict({}, ["reward_server.resources={reward_host: -1}"])
-    with pytest.raises(config.ConfigError, match=r"train.fail_at_step: 9 is outside \[0, train.steps=5\)"):
-        config.from_dict({}, ["train.steps=5", "train.fail_at_step=9"])
+
+
+def test_fault_injection_is_not_a_config_setting_any_more():
+    """An older run's saved config.yaml holds the retired keys as null: it still loads."""
+    cfg = config.from_dict({"train": {"fail_at_step": None}, "reward_server": {"fail_after_calls": None}})
+    assert not hasattr(cfg.train, "fail_at_step") and not hasattr(cfg.reward_server, "fail_after_calls")
+    with pytest.raises(config.ConfigError, match="train.fail_at_step: this setting was removed; .*RAYREWARD_FAULT_STEP"):
+        config.from_dict({}, ["train.fail_at_step=3"])
 
 
 def test_more_resources_than_a_fixed_cluster_has_is_a_clear_error():

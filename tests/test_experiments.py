@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import ROOT
-from test_package_rewards import TINY_HPS, bert_tokenizer_cache, imagereward_files  # noqa: F401 (fixtures)
+from helpers import ROOT, TINY_HPS
 
 from rayreward import config, train
 from rayreward import tune as rtune

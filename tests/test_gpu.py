@@ -7,6 +7,8 @@ import torch
 
 from rayreward import config, train
 
+from helpers import make_worker
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +19,7 @@ def test_cuda_autocast_training_step(tmp_path, model, precision, dtype):
     cfg = config.load(ROOT / "experiments/quickstart.yaml",
                       [f"output_dir={tmp_path}", f"model.name={model}", f"train.mixed_precision={precision}",
                        "train.steps=2", "train.use_gpu=true"])
-    w = train.Worker(cfg, torch.device("cuda"))
+    w = make_worker(cfg, "cuda")
     assert w.amp == dtype
     assert all(p.dtype == torch.float32 and p.is_cuda for p in w.params)
     assert next(w.c.vae.parameters()).dtype == dtype

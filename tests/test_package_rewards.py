@@ -11,16 +11,12 @@ import json
 
 import pytest
 import torch
-from test_reward_models import smooth_images, to_pil
 
 from rayreward.rewards import RewardLoadError
 from rayreward.rewards.packages import require
 from rayreward.rewards import build_reward
 
-TINY_HPS = {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-
+from helpers import TINY_HPS, smooth_images, to_pil
 
 @pytest.fixture(scope="module")
 def hps_files(tmp_path_factory):
@@ -116,57 +112,6 @@ def test_a_missing_reward_package_names_the_extra(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # ImageReward
-
-WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "fox", "in", "the", "snow", "painting"]
-
-
-@pytest.fixture(scope="module")
-def bert_tokenizer_cache(tmp_path_factory):
-    """The hub cache entry the package's BLIP asks for ('bert-base-uncased'), with a small vocabulary,
-    laid out as huggingface_hub stores a download; the hub is offline for this module."""
-    hub = tmp_path_factory.mktemp("hf") / "hub"
-    rev = "0" * 40
-    snap = hub / "models--bert-base-uncased" / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (hub / "models--bert-base-uncased" / "refs").mkdir()
-    (hub / "models--bert-base-uncased" / "refs" / "main").write_text(rev)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *chars, *("##" + c for c in chars)]
-    (snap / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    (snap / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
-    (snap / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": len(vocab)}))
-    mp = pytest.MonkeyPatch()
-    import huggingface_hub.constants
-    import transformers.utils.hub
-
-    mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
-    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    mp.setattr(transformers.utils.hub, "TRANSFORMERS_CACHE", str(hub), raising=False)
-    mp.setenv("HF_HUB_OFFLINE", "1")
-    mp.setenv("HF_HUB_CACHE", str(hub))
-    yield len(vocab) + 2  # BLIP adds [DEC] and [ENC]
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
-def imagereward_files(bert_tokenizer_cache, tmp_path_factory):
-    """ImageReward.pt (a plain state dict of the package's ImageReward, seeded) and med_config.json."""
-    ir = require("ImageReward.ImageReward", "imagereward")
-    d = tmp_path_factory.mktemp("imagereward")
-    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-           "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 256,
-           "layer_norm_eps": 1e-12, "max_position_embeddings": 64, "model_type": "bert", "num_attention_heads": 12,
-           "num_hidden_layers": 1, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": bert_tokenizer_cache,
-           "encoder_width": 1024, "add_cross_attention": True}
-    (d / "med_config.json").write_text(json.dumps(med))
-    torch.manual_seed(0)
-    model = ir.ImageReward(med_config=str(d / "med_config.json"), device="cpu")
-    with torch.no_grad():  # the package's MLP init is tiny (std 1/769): spread the scores out
-        for p in model.mlp.parameters():
-            p.normal_(0, 0.05)
-    torch.save(model.state_dict(), d / "ImageReward.pt")
-    return d
-
 
 def test_imagereward_matches_the_packages_score(imagereward_files):
     import ImageReward as RM

@@ -14,17 +14,7 @@ from rayreward.rewards import RewardLoadError
 from rayreward.rewards import clip as reward_models
 from rayreward.rewards import build_reward
 
-
-def smooth_images(n=3, h=48, w=40, seed=0) -> torch.Tensor:
-    """Smooth random images, already quantised to uint8 levels (as PIL sees them)."""
-    g = torch.Generator().manual_seed(seed)
-    x = F.interpolate(torch.rand(n, 3, 6, 5, generator=g), size=(h, w), mode="bilinear", align_corners=False)
-    return (x * 255).round() / 255
-
-
-def to_pil(images: torch.Tensor) -> list:
-    arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+from helpers import make_worker, smooth_images, to_pil
 
 
 def reference_embeddings(folder, images, prompt):
@@ -124,7 +114,7 @@ def test_training_against_a_model_reward_updates_the_lora(tmp_path):
 
     cfg = config.load(ROOT / "experiments/quickstart_pickscore.yaml",
                       [f"output_dir={tmp_path}", "train.steps=2", "train.batch_size=2", "grid.seeds=[0]"])
-    w = train.Worker(cfg, torch.device("cpu"))
+    w = make_worker(cfg, "cpu")
     before = [p.detach().clone() for p in w.params]
     row = w.train_step(0)
     assert row["stepped"] == 1 and row["grad_norm"] > 0

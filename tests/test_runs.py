@@ -15,7 +15,7 @@ import torch
 
 from rayreward import config, runfolder, runtime, train
 
-from helpers import ROOT, quick_cfg, rows
+from helpers import ROOT, make_worker, quick_cfg, rows
 
 CLI = [sys.executable, "-m", "rayreward.cli"]
 
@@ -89,7 +89,7 @@ def test_a_forced_resume_records_the_change_and_uses_the_new_learning_rate(run_d
     assert plan.resume.step == 4 and "optim.lr 0.01 -> 0.02" in plan.warnings[0]
     (record,) = [json.loads(line) for line in (run_dir / runfolder.RESUMES_FILE).read_text().splitlines()]
     assert record["at_step"] == 4 and record["changed"] == {"optim.lr": [0.01, 0.02]}
-    w = train.Worker(cfg, torch.device("cpu"))
+    w = make_worker(cfg, "cpu")
     w.restore(plan.resume)
     assert [g["lr"] for g in w.optimizer.param_groups] == [0.02]  # not the 0.01 saved with the moments
     assert w.optimizer.state_dict()["state"]  # the moments did come back

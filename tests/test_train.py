@@ -11,7 +11,7 @@ from rayreward import config, methods, models, train
 from rayreward.config import LossConfig
 from rayreward.rewards.composite import reward_loss
 
-from helpers import ROOT, quick_cfg, rows
+from helpers import ROOT, make_worker, quick_cfg, rows
 
 
 def test_guarded_step_skips_non_finite_and_leaves_lora_untouched():
@@ -130,8 +130,8 @@ def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta)
     """Worker 1 of 2 (batch 2) samples exactly rows 2..3 of 1 worker with batch 4, step noise and
     DRaFT-LV copies included (both are drawn per global sample)."""
     common = [f"method.name={method}", f"sampling.eta={eta}"]
-    one = train.Worker(quick_cfg(tmp_path, "train.batch_size=4", *common), torch.device("cpu"))
-    two = train.Worker(quick_cfg(tmp_path, "train.batch_size=2", *common), torch.device("cpu"), rank=1, world=2)
+    one = make_worker(quick_cfg(tmp_path, "train.batch_size=4", *common), "cpu")
+    two = make_worker(quick_cfg(tmp_path, "train.batch_size=2", *common), "cpu", rank=1, world=2)
     _, _, res_one = one.forward_backward(3)
     _, _, res_two = two.forward_backward(3)
     n = res_one.copies
@@ -162,7 +162,7 @@ def test_a_step_that_trains_nothing_leaves_the_lora_untouched(tmp_path):
     empty = [s for s in range(8) if not methods.make_plan(
         cfg.method, 4, 2, torch.Generator().manual_seed(train._seed(cfg.train.seed, s, "plan"))).grad_steps]
     first = next(s for s in empty if s > 0)  # an empty step after trained ones: AdamW has momentum
-    w = train.Worker(cfg, torch.device("cpu"))
+    w = make_worker(cfg, "cpu")
     for step in range(first + 1):
         before = [p.detach().clone() for p in w.params]
         row = w.train_step(step)
