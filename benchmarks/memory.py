@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from rayreward import config, methods, models, sampling
+from rayreward import config, methods, models, reports, sampling
 from rayreward.rewards.composite import build_composite, reward_and_loss
 
 METHODS = list(methods.METHODS)
@@ -120,19 +120,11 @@ def main(argv=None):
     table = table.reindex(args.methods, level=0)
     print(f"\nmodel={args.model} resolution={args.resolution} batch={args.batch} K={args.k}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(table.to_markdown(floatfmt=".3f") if _has_tabulate() else table.round(3).to_string())
+    print(reports.markdown(table, ".3f"))
     if args.csv:
         df.to_csv(args.csv, index=False)
     if args.png:
         _plot(df, args.png)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 
 def _plot(df, path):

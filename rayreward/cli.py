@@ -1,4 +1,15 @@
-"""`rayreward train | tune | eval | report | sample | score`.
+"""`rayreward train | tune | sample | eval | score | report`.
+
+  train   train a LoRA with one of the methods (Ray Train workers; rewards in-process or in actors)
+  tune    a Ray Tune sweep, each trial a training run
+  sample  render a grid from a base model plus LoRAs
+  eval    base model against LoRAs on a prompt set and seeds, scored by rewards, with win rates
+  score   score a folder of images with rewards
+  report  several runs' reward curves and a method x reward table
+
+One grammar across them: `--lora [NAME=]PATH[:SCALE]`, `--seeds 0 1 2` (or 0,1,2), `--device
+auto|cpu|cuda[:N]`, `--prompts SOURCE` (a .txt, a .csv, builtin:NAME or hpsv2:STYLE; training's
+`prompt_file` reads the same sources), `--config` / `--set KEY=VALUE`.
 
 Every anticipated failure (bad config, files, LoRAs, rewards, devices, a cluster that cannot be
 reached or cannot place the run, a worker's error) ends in one readable message and a non-zero
@@ -57,13 +68,88 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def _parse_lora(spec: str) -> tuple[str, float]:
-    """'path' or 'path:scale'."""
-    path, _, scale = spec.rpartition(":") if ":" in spec else (spec, "", "1")
-    try:
-        return path, float(scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--lora {spec!r}: the scale after ':' must be a number") from None
+# ---------------------------------------------------------------------------------------------
+# One grammar for what several commands take: LoRAs, seeds, devices, prompt sets.
+
+
+def lora_arg(spec: str):
+    """--lora [NAME=]PATH[:SCALE] (sample, eval): a LoRA folder or .safetensors, its weight
+    (default 1) and, for tables and grids, its name."""
+    from rayreward.config import LoraArg
+
+    name, sep, rest = spec.partition("=")
+    if not sep or "/" in name:  # a path may hold '=' only after a '/'
+        name, rest = "", spec
+    path, scale = rest, 1.0
+    head, colon, tail = rest.rpartition(":")
+    if colon:
+        try:
+            path, scale = head, float(tail)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--lora {spec!r}: the scale after ':' must be a number, got {tail!r}") from None
+    if not path:
+        raise argparse.ArgumentTypeError(f"--lora {spec!r}: no path; expected [NAME=]PATH[:SCALE]")
+    return LoraArg(name, path, scale)
+
+
+def checked_loras(loras: list) -> list:
+    """Every --lora's file exists and holds a LoRA; each gets a unique name (default: the run
+    folder of RUN/lora, else the file's stem). All problems at once, before any model loads."""
+    from rayreward.config import ConfigError
+    from rayreward.config import LoraArg
+    from rayreward.models import lora_file
+
+    problems, named = [], []
+    for lora in loras:
+        try:
+            f = lora_file(lora.path)
+        except (FileNotFoundError, ValueError) as e:
+            problems.append(f"--lora {lora.path!r}: {e}")
+            continue
+        name = lora.name or (f.parent.parent.name if f.parent.name == "lora" else f.stem)
+        named.append(LoraArg(name, lora.path, lora.scale))
+    names = [n.name for n in named]
+    if "base" in names or len(set(names)) != len(names):
+        problems.append(f"--lora: names must be unique and not 'base' (got {names}); use NAME=PATH")
+    if problems:
+        raise ConfigError(problems)
+    return named
+
+
+class SeedsAction(argparse.Action):
+    """--seeds 0 1 2, or --seeds 0,1,2: a list of integers (sample, eval)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seeds = []
+        for v in values:
+            for part in v.split(","):
+                if part.strip():
+                    try:
+                        seeds.append(int(part))
+                    except ValueError:
+                        parser.error(f"{option_string} {' '.join(values)!r}: expected integers, e.g. 0 1 2 (or 0,1,2)")
+        if not seeds:
+            parser.error(f"{option_string}: give at least one seed")
+        setattr(namespace, self.dest, seeds)
+
+
+def add_common(p: argparse.ArgumentParser, *, config: bool = True, device: bool = False, seeds: str | None = None,
+               prompts: str | None = None, lora: bool = False) -> None:
+    """The options several commands share, declared once."""
+    if config:
+        p.add_argument("--config", default=None, help="YAML config (model, sampling, reward_server); default: the defaults")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. "
+                       "sampling.num_steps=20")
+    if lora:
+        p.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="[NAME=]PATH[:SCALE]",
+                       help="a LoRA folder or .safetensors, its weight (default 1) and name; repeat for several")
+    if prompts is not None:
+        p.add_argument("--prompts", default=None, metavar="SOURCE", help=prompts + "; a .txt (one a line), .csv "
+                       "(column 'prompt'), builtin:animals|styles|symmetry or hpsv2:anime|concept-art|paintings|photo")
+    if seeds is not None:
+        p.add_argument("--seeds", nargs="+", action=SeedsAction, default=None, metavar="SEED", help=seeds)
+    if device:
+        p.add_argument("--device", default="auto", help="auto (CUDA when there is one, else CPU), cpu, cuda or cuda:N")
 
 
 def cmd_train(args) -> int:
@@ -96,24 +182,24 @@ def cmd_tune(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from rayreward import config, evaluate, models
+    from rayreward import config, models, render, runtime
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
-    cfg = config.load(args.config, overrides)
-    for path, _ in args.lora:
-        models.lora_file(path)  # fails early, naming the path
-    c = models.load_components(cfg.model)
-    models.apply_loras(c.unet, args.lora)
-    prompts = args.prompt or cfg.grid.prompts or cfg.training_prompts()[:4]
+    cfg = config.load(args.config, overrides, training=False)
+    device = runtime.resolve_device(args.device, "--device")
+    loras = checked_loras(args.lora)  # fails early, naming the path
+    prompts = (list(args.prompt) + (config.read_prompts(args.prompts, "--prompts") if args.prompts else [])
+               or cfg.grid.prompts or cfg.training_prompts()[:4])
     seeds = args.seeds or cfg.grid.seeds
-    images = evaluate.render(c, prompts, seeds, cfg.sampling, cfg.model.resolution, torch.device("cpu"))
+    c = models.load_components(cfg.model)
+    models.apply_loras(c.unet, [(lora.path, lora.scale) for lora in loras])
+    c.to(device)
+    images = render.render(c, prompts, seeds, cfg.sampling, cfg.model.resolution, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    evaluate.save_grid(images, prompts, seeds, args.out)
+    render.save_grid(images, prompts, seeds, args.out)
     print(f"[rayreward] wrote {args.out} ({len(prompts)} prompts x {len(seeds)} seeds)")
     if args.save_images:
-        folder = evaluate.save_images(images, prompts, seeds, args.save_images)
+        folder = render.save_images(images, prompts, seeds, args.save_images)
         print(f"[rayreward] wrote {len(images)} images and prompts.txt to {folder} (ready for `rayreward score`)")
     return 0
 
@@ -123,7 +209,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 def _score_inputs(images_dir: str, prompts_file: str | None) -> tuple[list[Path], list[str]]:
     """Sorted image files and one prompt per image (a single line applies to all)."""
-    from rayreward.config import ConfigError
+    from rayreward.config import ConfigError, read_prompts
 
     folder = Path(images_dir)
     if not folder.is_dir():
@@ -133,10 +219,7 @@ def _score_inputs(images_dir: str, prompts_file: str | None) -> tuple[list[Path]
         raise ConfigError([f"--images: {images_dir!r} holds no image ({', '.join(IMAGE_SUFFIXES)})"])
     if prompts_file is None:
         return files, [""] * len(files)
-    pf = Path(prompts_file)
-    if not pf.is_file():
-        raise ConfigError([f"--prompts: {prompts_file!r} does not exist"])
-    prompts = [ln.strip() for ln in pf.read_text().splitlines() if ln.strip()]
+    prompts = read_prompts(prompts_file, "--prompts")
     if len(prompts) == 1:
         prompts = prompts * len(files)
     if len(prompts) != len(files):
@@ -167,43 +250,16 @@ def _reward_specs(rewards: str, arg_list: list[str]) -> list[dict]:
 
 
 def cmd_eval(args) -> int:
-    from rayreward import config, evaluate, models
+    from rayreward import config, evaluation, runtime
 
-    cfg = config.load(args.config, args.set)
-    problems = []
-    loras = []
-    for item in args.lora:  # [NAME=]PATH[:SCALE]
-        name, sep, rest = item.partition("=")
-        if not sep:
-            name, rest = "", item
-        path, scale = rest, 1.0
-        head, colon, tail = rest.rpartition(":")
-        if colon:
-            try:
-                path, scale = head, float(tail)
-            except ValueError:
-                problems.append(f"--lora {item!r}: scale {tail!r} is not a number")
-                continue
-        try:
-            f = models.lora_file(path)
-        except (FileNotFoundError, ValueError) as e:
-            problems.append(f"--lora {item!r}: {e}")
-            continue
-        # default name: the run folder of RUN/lora, else the file's stem
-        loras.append((name or (f.parent.parent.name if f.parent.name == "lora" else f.stem), path, scale))
-    names = [n for n, _, _ in loras]
-    if "base" in names or len(set(names)) != len(names):
-        problems.append(f"--lora: names must be unique and not 'base' (got {names}); use NAME=PATH")
-    if problems:
-        raise config.ConfigError(problems)
+    cfg = config.load(args.config, args.set, training=False)
+    device = runtime.resolve_device(args.device, "--device")
+    loras = checked_loras(args.lora)
     cfg.rewards = [config.RewardSpec(**s) for s in _reward_specs(args.rewards, args.arg)]
-    prompts = evaluate.load_prompts(args.prompts)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        raise config.ConfigError([f"--seeds {args.seeds!r}: expected integers separated by commas"]) from None
+    prompts = config.read_prompts(args.prompts or "builtin:animals", "--prompts")
+    seeds = args.seeds or [0, 1]
     out = Path(args.out)
-    _, summary = evaluate.run_eval(cfg, loras, cfg.rewards, prompts, seeds, out, batch=args.batch)
+    _, summary = evaluation.run_eval(cfg, loras, prompts, seeds, out, device=device, batch=args.batch)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"[rayreward] wrote {out / 'summary.csv'}, {out / 'per_prompt.csv'}, {out / 'per_image.csv'}, "
           f"{out}/grid_seed*.png")
@@ -211,21 +267,15 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rayreward import evaluate
+    from rayreward import reports
 
     out = Path(args.out)
-    runs, table = evaluate.report(args.runs, out, last=args.last)
+    runs, table = reports.report(args.runs, out, last=args.last)
     print(runs.drop(columns=["dir"]).to_string(index=False, float_format=lambda v: f"{v:+.4f}"))
     print(f"\nfinal reward (mean of the last {args.last} steps), method x training reward:")
-    print(table.to_markdown(floatfmt="+.4f") if _has_tabulate() else table.to_string(float_format=lambda v: f"{v:+.4f}"))
+    print(reports.markdown(table, "+.4f"))
     print(f"[rayreward] wrote {out / 'report.png'}, {out / 'table.csv'}, {out / 'runs.csv'}")
     return 0
-
-
-def _has_tabulate() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tabulate") is not None
 
 
 def cmd_score(args) -> int:
@@ -236,18 +286,17 @@ def cmd_score(args) -> int:
 
     from rayreward.config import RewardSpec
     from rayreward.rewards.composite import build_composite
+    from rayreward.runtime import resolve_device
 
-    from rayreward.runtime import check_device
-
-    check_device(args.device, "--device")
+    device = resolve_device(args.device, "--device")
     specs = _reward_specs(args.rewards, args.arg)
     files, prompts = _score_inputs(args.images, args.prompts)
-    reward = build_composite([RewardSpec(**s) for s in specs], device=args.device)
+    reward = build_composite([RewardSpec(**s) for s in specs], device=device)
     rows = []
     for f, prompt in zip(files, prompts):
         img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
         with torch.no_grad():
-            _, parts = reward(img.to(args.device), [prompt])
+            _, parts = reward(img.to(device), [prompt])
         rows.append({"image": f.name, "prompt": prompt, **{k: float(v[0]) for k, v in parts.items()}})
     df = pd.DataFrame(rows)
     out = Path(args.out or Path(args.images) / "scores.csv")
@@ -269,19 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = add("train", help="train a LoRA (Ray Train; embedded local Ray unless RAY_ADDRESS is set)")
     t.add_argument("--config", required=True, help="YAML config, e.g. experiments/quickstart.yaml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3 or "
+                   "prompt_file=builtin:animals (the prompt sources of --prompts elsewhere)")
     t.set_defaults(fn=cmd_train)
 
-    e = add("eval", help="base model vs LoRAs on a prompt set and seeds, scored by rewards in reward actors")
-    e.add_argument("--config", default=None, help="YAML config for model, sampling and reward_server settings")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--lora", action="append", default=[], metavar="[NAME=]PATH[:SCALE]",
-                   help="a LoRA folder or .safetensors (repeat for several)")
+    e = add("eval", help="base model vs LoRAs on a prompt set and seeds, scored by rewards (reward_server.mode)")
+    add_common(e, device=True, lora=True, prompts="the prompt set (default builtin:animals)",
+               seeds="seeds, the same for every variant (default 0 1)")
     e.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv21,pickscore,symmetry")
     e.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE")
-    e.add_argument("--prompts", default="builtin:animals",
-                   help="builtin:animals|styles|symmetry, hpsv2:anime|concept-art|paintings|photo, or a .txt/.csv")
-    e.add_argument("--seeds", default="0,1", help="comma-separated seeds, the same for every variant")
     e.add_argument("--batch", type=int, default=8, help="prompts rendered at once")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(fn=cmd_eval)
@@ -299,26 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_tune)
 
     s = add("sample", help="render a grid from a base model plus LoRAs with scales")
-    s.add_argument("--config", default=None, help="YAML config for model and sampling settings (optional)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_common(s, device=True, lora=True, prompts="grid rows from a prompt set (after any --prompt)",
+               seeds="grid columns (default: the config's grid.seeds)")
     s.add_argument("--model", default=None, help="overrides model.name")
-    s.add_argument("--lora", action="append", default=[], type=_parse_lora, metavar="PATH[:SCALE]",
-                   help="a LoRA folder or .safetensors with its weight (default 1); repeat to mix")
     s.add_argument("--prompt", action="append", default=[], help="a grid row; repeat")
-    s.add_argument("--seeds", nargs="+", type=int, default=[], help="grid columns")
     s.add_argument("--out", default="grid.png")
     s.add_argument("--save-images", default=None, metavar="DIR",
                    help="also save each image as a PNG, with prompts.txt in their order (for `rayreward score`)")
     s.set_defaults(fn=cmd_sample)
 
     c = add("score", help="score a folder of images with rewards (the training code path); CSV out")
+    add_common(c, config=False, device=True,
+               prompts="one prompt a line in the images' sorted order, or one line for all (default: empty prompts)")
     c.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. pickscore,symmetry")
     c.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE",
                    help="a reward argument, e.g. pickscore.model=/models/PickScore_v1")
     c.add_argument("--images", required=True, help="folder of .png/.jpg images (sorted by name)")
-    c.add_argument("--prompts", default=None, help="text file: one prompt a line, in image order (or one line for all)")
     c.add_argument("--out", default=None, help="CSV path (default: IMAGES/scores.csv)")
-    c.add_argument("--device", default="cpu")
     c.set_defaults(fn=cmd_score)
     return p
 

@@ -160,9 +160,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def training_prompts(self) -> list[str]:
-        if self.prompt_file:
-            return [ln.strip() for ln in prompt_path(self.prompt_file).read_text().splitlines() if ln.strip()]
-        return list(self.prompts)
+        return read_prompts(self.prompt_file, "prompt_file") if self.prompt_file else list(self.prompts)
 
 
 def builtin_prompt_sets() -> list[str]:
@@ -174,6 +172,60 @@ def prompt_path(name: str) -> Path:
     if name.startswith("builtin:"):
         return Path(__file__).parent / "prompts" / f"{name.split(':', 1)[1]}.txt"
     return Path(name)
+
+
+PROMPT_SOURCES = ("a .txt file (one prompt a line), a .csv file (column 'prompt', else the first), a shipped set "
+                  "({builtin}), or hpsv2:STYLE (the HPSv2 benchmark: anime, concept-art, paintings, photo)")
+
+
+def _hpsv2_prompts(spec: str, field: str) -> list[str]:
+    import json
+
+    style = spec.split(":", 1)[1]
+    root = Path(os.environ.get("HPS_ROOT", Path.home() / ".cache" / "hpsv2"))
+    f = root / "datasets" / "benchmark" / f"{style}.json"
+    if not f.is_file():
+        raise ConfigError([f"{field}: {spec!r}: {f} does not exist. The HPSv2 benchmark prompts (anime, "
+                           "concept-art, paintings, photo) come from the hpsv2 package's download "
+                           "(python -c 'import hpsv2.utils as u; u.download_benchmark_prompts()', needs the "
+                           "network once) into HPS_ROOT (default ~/.cache/hpsv2)"])
+    return [str(p) for p in json.loads(f.read_text())]
+
+
+def read_prompts(spec: str, field: str) -> list[str]:
+    """The one reader of a prompt set, for every command: the training `prompt_file`, and the
+    --prompts of `sample`, `eval` and `score`. `spec` is one of PROMPT_SOURCES; blank lines are
+    skipped. Raises ConfigError naming `field` and `spec` when it is missing or holds no prompt."""
+    if spec.startswith("hpsv2:"):
+        prompts = _hpsv2_prompts(spec, field)
+    else:
+        p = prompt_path(spec)
+        if not p.is_file():
+            allowed = PROMPT_SOURCES.format(builtin=", ".join("builtin:" + n for n in builtin_prompt_sets()))
+            raise ConfigError([f"{field}: {spec!r} does not exist; give {allowed}"])
+        if p.suffix.lower() == ".csv":
+            import csv
+
+            with p.open(newline="") as f:
+                table = list(csv.reader(f))
+            header = table[0] if table else []
+            col = header.index("prompt") if "prompt" in header else 0
+            prompts = [row[col] for row in table[1:] if len(row) > col]
+        else:
+            prompts = p.read_text().splitlines()
+    prompts = [x.strip() for x in prompts if x.strip()]
+    if not prompts:
+        raise ConfigError([f"{field}: {spec!r} holds no prompt"])
+    return prompts
+
+
+@dataclass(frozen=True)
+class LoraArg:
+    """A LoRA named on a command line (`sample`, `eval`): `--lora [NAME=]PATH[:SCALE]`."""
+
+    name: str  # the variant's name in tables and grids ("" when not given)
+    path: str  # a LoRA folder or .safetensors file
+    scale: float = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +311,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.path.exists(name) or not _HUB_ID.match(name)
 
 
-def validate(cfg: Config) -> list[str]:
-    """Every problem with `cfg` as 'field: value ...; allowed ...' lines (empty if none)."""
+def validate(cfg: Config, training: bool = True) -> list[str]:
+    """Every problem with `cfg` as 'field: value ...; allowed ...' lines (empty if none).
+    `training` False (sample, eval): the method's rules are not checked; nothing trains."""
     p: list[str] = []
     T = cfg.sampling.num_steps
     m = cfg.method
@@ -270,7 +323,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"sampling.guidance_scale: {cfg.sampling.guidance_scale} is negative; need >= 0 (1 = no guidance)")
     if not 0.0 <= cfg.sampling.eta <= 1.0:
         p.append(f"sampling.eta: {cfg.sampling.eta} is outside [0, 1]")
-    p += methods.check(m, T)
+    if training:
+        p += methods.check(m, T)
 
     if cfg.lora.rank < 1:
         p.append(f"lora.rank: {cfg.lora.rank} is not allowed; need an integer >= 1")
@@ -336,12 +390,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"model.resolution: {mc.resolution} is not allowed; need a multiple of 8, >= 8")
 
     if cfg.prompt_file is not None:
-        pf = prompt_path(cfg.prompt_file)
-        if not pf.is_file():
-            p.append(f"prompt_file: {cfg.prompt_file!r} does not exist; give a text file (one prompt a line) or "
-                     f"one of the built-in sets: {', '.join('builtin:' + n for n in builtin_prompt_sets())}")
-        elif not cfg.training_prompts():
-            p.append(f"prompt_file: {cfg.prompt_file!r} holds no prompt (one prompt a line)")
+        try:
+            cfg.training_prompts()
+        except ConfigError as e:
+            p += e.problems
     elif not cfg.prompts:
         p.append("prompts: empty; give at least one prompt, or a prompt_file")
     return p
@@ -396,7 +448,7 @@ def _drop_retired(data: dict) -> list[str]:
     return problems
 
 
-def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), training: bool = True) -> Config:
     """Build and validate a Config from the defaults, `data` and `key=value` overrides."""
     data = yaml.safe_load(yaml.safe_dump(data or {}))  # deep copy, plain types only
     defaults = Config().to_dict()
@@ -410,14 +462,15 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config
     problems: list[str] = _drop_retired(data)
     cfg = _build(Config, data, "", problems)
     if not problems:
-        problems = validate(cfg)
+        problems = validate(cfg, training)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config file (None: the defaults) with `key=value` overrides, validated."""
+def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), training: bool = True) -> Config:
+    """Load a YAML config file (None: the defaults) with `key=value` overrides, validated
+    (`training` False: for rendering only, see `validate`)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -429,7 +482,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError([f"--config: {str(path)!r} is not valid YAML: {e}"]) from None
         if not isinstance(data, dict):
             raise ConfigError([f"--config: {str(path)!r} must hold a mapping at the top level"])
-    return from_dict(data, overrides)
+    return from_dict(data, overrides, training)
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rayreward import config as config_mod
-from rayreward import evaluate, methods, models, runfolder, runtime, sampling
+from rayreward import methods, models, render, runfolder, runtime, sampling
 from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
 
 
@@ -305,7 +305,7 @@ class Worker:
     @torch.no_grad()
     def render(self, prompts, seeds) -> torch.Tensor:
         """Images of (prompt, seed) pairs, row-major, with the current LoRA."""
-        return evaluate.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
+        return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
                                self.amp)
 
 
@@ -335,7 +335,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
                   + (" (already complete)" if resume.step >= cfg.train.steps else ""), flush=True)
         else:
-            evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
+            render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
@@ -359,7 +359,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             log.append(row)
             print(progress_line(row, cfg.train.steps), flush=True)
             if checkpoint_now:
-                evaluate.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
+                render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
         if report is None:
             continue
         if main and checkpoint_now:  # staged in a temporary folder that Ray copies to storage
@@ -369,8 +369,8 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             report(row, None)
     if main:
         models.save_lora(w.c.unet, out / "lora", w.c.flavour)
-        evaluate.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
-        evaluate.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
+        render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
+        render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
     return row
 
 
