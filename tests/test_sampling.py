@@ -136,12 +136,18 @@ def test_refl_window_and_single_trained_step():
         stops.add(p.stop)
     assert stops == set(range(T - window[1] + 1, T - window[0] + 2))  # positions 7..10
     plan = methods.plan_refl(T, window, torch.Generator().manual_seed(3))
-    res, den, _, _ = run(plan, T)
+    res, den, sch, _ = run(plan, T)
     res.latents.sum().backward()
     assert grad_positions(den) == {plan.stop}
-    assert len(res.trace) == plan.stop
-    # before the trained step nothing carries a graph; at it, the input does (not detached)
-    assert [req for _, _, req in den.inputs] == [False] * len(den.inputs)  # x_T has no grad upstream
+    # the chain stops at the trained step; only it carries gradient, on an input that is not
+    # detached (DRTune's sg(x_t) would show as input_detached there)
+    assert [(r.position, r.grad, r.input_detached) for r in res.trace] == (
+        [(n, False, True) for n in range(1, plan.stop)] + [(plan.stop, True, False)])
+    # and the gradient is exactly that of x0_hat at the stop through eps = w x + c:
+    # d sum(x0_hat) / d w = -sqrt(1 - abar) / sqrt(abar) * sum(x), d / d c = the same * numel
+    n, (_, x_stop, _) = plan.stop - 1, den.inputs[-1]
+    k = -(1 - sch.abar[n]).sqrt() / sch.abar[n].sqrt()
+    assert torch.allclose(den.w.grad[n], k * x_stop.sum()) and torch.allclose(den.c.grad[n], k * x_stop.numel())
 
 
 def test_alignprop_per_sample_truncation():

@@ -35,13 +35,18 @@ class CompositeReward:
 
 
 def build_composite(specs, device="cpu") -> CompositeReward:
-    """From a list of RewardSpec (name, weight, args). Repeated names get a suffix in logs."""
+    """From a list of RewardSpec (name, weight, args)."""
+    fns = [build_reward(s.name, device=device, **s.args) for s in specs]
+    return CompositeReward(component_names(specs), [float(s.weight) for s in specs], fns)
+
+
+def component_names(specs) -> list[str]:
+    """The components' names in logs (metrics.csv's reward/NAME): a repeated name gets _2, _3, ..."""
     names, seen = [], {}
     for s in specs:
         seen[s.name] = seen.get(s.name, 0) + 1
         names.append(s.name if seen[s.name] == 1 else f"{s.name}_{seen[s.name]}")
-    fns = [build_reward(s.name, device=device, **s.args) for s in specs]
-    return CompositeReward(names, [float(s.weight) for s in specs], fns)
+    return names
 
 
 def reward_loss(r: torch.Tensor, loss_cfg) -> torch.Tensor:
