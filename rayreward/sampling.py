@@ -11,7 +11,8 @@ A method is a `StepPlan`: which positions run the denoiser with a parameter grad
 denoiser input is detached (`sg(x_t)`, DRTune), and where the chain stops (early stop returns
 x0_hat). Steps outside the trained set run under `torch.no_grad()`, so their eps is a constant and
 memory grows with the number of trained steps, not with T. The sampler takes tensors and
-callables only: no Ray, no I/O, no globals.
+callables only: no Ray, no I/O, no globals. docs/design.md ("The methods") has each method's
+exact semantics.
 """
 
 from __future__ import annotations

@@ -6,13 +6,14 @@ prompts)` -> {component: scores} for evaluation. `LocalReward` computes in this 
 `RemoteReward` sends the images to `RewardServer` actors. Which one a run uses is decided once,
 from `reward_server.mode`, by `runtime.reward_client`.
 
-The driver starts `RewardServer` actors (runtime.start_reward_actors) (own resources: GPUs, or a custom resource that only
-reward nodes advertise) and passes their handles to the training workers. A worker sends
+The driver starts `RewardServer` actors (`runtime.start_reward_actors`, with their own resources:
+GPUs, or a custom resource that only reward nodes advertise) and passes their handles to the
+training workers. A worker sends
 `images.detach()` and the prompts; the actor computes the loss with its frozen reward, back-
 propagates to the images, and returns the loss, the rewards and dL/dimages. The worker continues
 with `images.backward(dL/dimages)` through `RemoteLoss`: the loss is a function of the images
 alone, so one round trip per batch suffices. A dead actor is restarted by Ray and the call
-retried (`max_restarts`, `max_task_retries`).
+retried (`max_restarts`, `max_task_retries`). docs/design.md ("Rewards") has the protocol.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Each step: pick prompts and x_T -> draw the method's step plan -> sample (gradie
 plan says) -> decode -> reward -> loss -> backward -> clip -> guarded AdamW step -> log ->
 checkpoint. A sample's prompt and noise depend only on (seed, step, global sample index) and the
 step plan on (seed, step), so a resumed run draws exactly what the uninterrupted run would have,
-and N workers x B samples compute what 1 worker x N*B samples does.
+and N workers x B samples compute what 1 worker x N*B samples does (docs/design.md, "Randomness").
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class GradSync:
     backward; a sampling chain makes a varying number of grad-carrying UNet calls per step
     (DRTune's early stop, AlignProp's truncation), which DDP either rejects or, with
     static_graph, reduces at the wrong moment. One explicit all-reduce after backward is exact
-    for any number of calls."""
+    for any number of calls (docs/design.md, "Data parallelism")."""
 
     def __init__(self, params: list[torch.nn.Parameter], world: int):
         import torch.distributed as dist

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from rayreward.rewards import RewardLoadError
 from rayreward.rewards.common import dtype_of, load_pretrained, read_state_dict, resize_crop_normalize
+from rayreward.runtime import first_line
 
 CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
 CLIP_L14 = "openai/clip-vit-large-patch14"
@@ -168,7 +169,7 @@ def load_aesthetic_head(path: str | Path, dim: int) -> AestheticMLP:
         head.load_state_dict(state)
     except (RuntimeError, AttributeError, TypeError) as e:
         raise RewardLoadError(f"reward aesthetic: head {str(path)!r} is not in the LAION MLP layout "
-                              f"(layers.0 ... layers.7 for a {dim}-d embedding): {str(e).splitlines()[0]}") from None
+                              f"(layers.0 ... layers.7 for a {dim}-d embedding): {first_line(e)}") from None
     return head
 
 

@@ -48,7 +48,7 @@ def read_state_dict(what: str, path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
         raise RewardLoadError(f"{what} is not a readable state dict ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"{first_line(e)})") from None
 
 
 def fetch(what: str, source: str, filename: str, key: str) -> Path:

@@ -19,6 +19,7 @@ import torch
 
 from rayreward.rewards import RewardLoadError
 from rayreward.rewards.common import OPENAI_MEAN, OPENAI_STD, dtype_of, fetch, load_state, resize_crop_normalize
+from rayreward.runtime import first_line
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv21": "HPS_v2.1_compressed.pt"}
@@ -121,7 +122,7 @@ def _bert_tokenizer_files() -> None:
     except Exception as e:  # noqa: BLE001 - offline or unreachable: the same user error
         raise RewardLoadError(
             "reward imagereward: the image-reward package builds its BLIP tokenizer from the hub id "
-            f"'bert-base-uncased', which is not in the Hugging Face cache ({str(e).splitlines()[0]}). Download it "
+            f"'bert-base-uncased', which is not in the Hugging Face cache ({first_line(e)}). Download it "
             "once where the hub is reachable (huggingface-cli download bert-base-uncased vocab.txt tokenizer_config.json "
             "config.json), or point HF_HOME at a cache holding it; the package takes no path for it") from None
 
