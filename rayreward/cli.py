@@ -316,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[after], **kw)
 
-    t = add("train", help="train a LoRA (Ray Train; embedded local Ray unless RAY_ADDRESS is set)")
+    from rayreward import methods, rewards
+
+    listing = ("method.name (rayreward/methods.py):\n" + "".join(f"  {m.name:<10} {m.summary}\n" for m in methods.METHODS.values())
+               + "rewards[].name (rayreward/rewards/__init__.py): " + ", ".join(rewards.REGISTRY)
+               + ", or package.module:factory")
+    t = add("train", help="train a LoRA (Ray Train; embedded local Ray unless RAY_ADDRESS is set)", epilog=listing,
+            formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", required=True, help="YAML config, e.g. experiments/quickstart.yaml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. method.k=3 or "
                    "prompt_file=builtin:animals (the prompt sources of --prompts elsewhere)")

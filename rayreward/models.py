@@ -109,7 +109,8 @@ def build_tiny_pipeline(flavour: str, seed: int):
             te = CLIPTextModel(CLIPTextConfig(**text_cfg))
             return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        assert flavour == "sdxl", flavour
+        if flavour != "sdxl":
+            raise ValueError(f"tiny model flavour {flavour!r} is unknown; allowed: sd, sdxl")
         # cross attention sees both encoders' hidden states (32 + 32); the added embedding sees
         # 6 time ids * 8 + the pooled projection (32)
         unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
@@ -152,12 +153,14 @@ def tiny_model_dir(flavour: str, seed: int) -> Path:
         # transformers' save_pretrained writes weights from distributed rank 0 only: inside a
         # worker group, build in a fresh interpreter that has no process group
         subprocess.run([sys.executable, "-m", "rayreward.models", flavour, str(seed)], check=True)
-        assert _complete(target), target
+        if not _complete(target):
+            raise ModelLoadError(f"the tiny model's build in a subprocess left {target} incomplete")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
     build_tiny_pipeline(flavour, seed).save_pretrained(tmp)
-    assert _complete(tmp), f"incomplete tiny pipeline in {tmp}"
+    if not _complete(tmp):
+        raise ModelLoadError(f"the tiny model's build left {tmp} incomplete (is the disk full?)")
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished first

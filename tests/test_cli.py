@@ -82,3 +82,12 @@ def test_eval_takes_the_shared_grammar(lora, tmp_path):
     # the unnamed LoRA is named after its run folder (RUN/lora)
     assert list(dict.fromkeys(per_image.variant)) == ["base", "mine", lora.parent.name]
     assert sorted(set(per_image.seed)) == [0, 5] and list(dict.fromkeys(per_image.prompt)) == ["a cat", "a dog"]
+
+
+def test_train_help_lists_the_registries(capsys):
+    from rayreward import methods, rewards
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"  {name} " in text for name in methods.METHODS) and all(name in text for name in rewards.REGISTRY)
