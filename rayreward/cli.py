@@ -1,4 +1,4 @@
-"""`rayreward train | tune | sample | eval | score | report`.
+"""`rayreward train | tune | sample | eval | score | report | export`.
 
   train   train a LoRA with one of the methods (Ray Train workers; rewards in-process or in actors)
   tune    a Ray Tune sweep, each trial a training run
@@ -6,6 +6,7 @@
   eval    base model against LoRAs on a prompt set and seeds, scored by rewards, with win rates
   score   score a folder of images with rewards
   report  several runs' reward curves and a method x reward table
+  export  a LoRA in the kohya layout that image UIs load
 
 One grammar across them: `--lora [NAME=]PATH[:SCALE]`, `--seeds 0 1 2` (or 0,1,2), `--device
 auto|cpu|cuda[:N]`, `--prompts SOURCE` (a .txt, a .csv, builtin:NAME or hpsv2:STYLE; training's
@@ -278,6 +279,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from rayreward import export
+
+    out = export.export_lora(args.lora, args.format, args.out)
+    print(f"[rayreward] wrote {out} ({args.format} layout)")
+    return 0
+
+
 def cmd_score(args) -> int:
     import numpy as np
     import pandas as pd
@@ -368,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--images", required=True, help="folder of .png/.jpg images (sorted by name)")
     c.add_argument("--out", default=None, help="CSV path (default: IMAGES/scores.csv)")
     c.set_defaults(fn=cmd_score)
+
+    x = add("export", help="write a LoRA in another file layout (kohya: ComfyUI, kohya's scripts, diffusers)")
+    x.add_argument("--lora", required=True, metavar="PATH", help="a LoRA folder (RUN/lora) or its .safetensors")
+    x.add_argument("--format", required=True, choices=["kohya"], help="the layout to write")
+    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.set_defaults(fn=cmd_export)
     return p
 
 
