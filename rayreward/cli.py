@@ -96,8 +96,7 @@ def lora_arg(spec: str):
 def checked_loras(loras: list) -> list:
     """Every --lora's file exists and holds a LoRA; each gets a unique name (default: the run
     folder of RUN/lora, else the file's stem). All problems at once, before any model loads."""
-    from rayreward.config import ConfigError
-    from rayreward.config import LoraArg
+    from rayreward.config import ConfigError, LoraArg
     from rayreward.models import lora_file
 
     problems, named = [], []

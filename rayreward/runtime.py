@@ -223,7 +223,11 @@ def shorten_report_poll() -> None:
 def fault_step() -> int | None:
     """The step at which worker 0 exits once (tests: RAYREWARD_FAULT_STEP), or None."""
     value = os.environ.get(FAULT_STEP_ENV)
-    return int(value) if value else None
+    if not value:
+        return None
+    if not value.strip().isdigit():
+        raise ValueError(f"{FAULT_STEP_ENV}={value!r} is not allowed; need a step number >= 0 (a test hook)")
+    return int(value)
 
 
 def resolve_device(spec: str, field: str) -> torch.device:

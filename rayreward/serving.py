@@ -35,8 +35,7 @@ class RewardServer:
         import ray
 
         self.device = torch.device(device)
-        self.reward = build_composite([RewardSpec(**s) for s in specs], device=self.device)
-        self.loss_cfg = LossConfig(**loss)
+        self.local = LocalReward([RewardSpec(**s) for s in specs], LossConfig(**loss), self.device)
         self.calls = 0
         # fault injection (tests): die once, in the first life of the actor only
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -48,16 +47,14 @@ class RewardServer:
             os._exit(1)
         self.calls += 1
         x = images.to(self.device, torch.float32).requires_grad_(True)
-        loss, r, parts = reward_and_loss(self.reward, self.loss_cfg, x, prompts, copies)
+        loss, r, parts = self.local(x, prompts, copies)
         (grad,) = torch.autograd.grad(loss, x)
         return {"loss": loss.detach().cpu(), "reward": r.detach().cpu(), "grad": grad.cpu(),
                 "parts": {k: v.detach().cpu() for k, v in parts.items()}}
 
-    @torch.no_grad()
     def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
         """Evaluation: each reward's score, no gradient. Shape: (b, 3, h, w) -> {name: (b,)}."""
-        _, parts = self.reward(images.to(self.device, torch.float32), list(prompts))
-        return {k: v.float().cpu() for k, v in parts.items()}
+        return self.local.score_only(images, prompts)
 
     def pid(self) -> int:
         return os.getpid()
@@ -95,6 +92,7 @@ class LocalReward:
 
     @torch.no_grad()
     def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
+        """Each reward's score, no gradient. Shape: (b, 3, h, w) -> {name: (b,)} on the CPU."""
         _, parts = self.reward(images.to(self.device, torch.float32), list(prompts))
         return {k: v.float().cpu() for k, v in parts.items()}
 
@@ -106,12 +104,16 @@ class RemoteReward:
     def __init__(self, actors: list, rank: int = 0):
         self.actors, self.rank, self.calls = actors, rank, 0
 
+    def _next(self):
+        """The replica for this call: (rank + calls) % replicas."""
+        actor = self.actors[(self.rank + self.calls) % len(self.actors)]
+        self.calls += 1
+        return actor
+
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], copies: int = 1):
         import ray
 
-        actor = self.actors[(self.rank + self.calls) % len(self.actors)]
-        self.calls += 1
-        out = ray.get(actor.score.remote(images.detach().cpu(), list(prompts), copies))
+        out = ray.get(self._next().score.remote(images.detach().cpu(), list(prompts), copies))
         dev = images.device
         loss = RemoteLoss.apply(images, out["loss"].to(dev), out["grad"].to(dev, images.dtype))
         return loss, out["reward"].to(dev), {k: v.to(dev) for k, v in out["parts"].items()}
@@ -119,6 +121,4 @@ class RemoteReward:
     def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict:
         import ray
 
-        actor = self.actors[(self.rank + self.calls) % len(self.actors)]
-        self.calls += 1
-        return ray.get(actor.score_only.remote(images.detach().cpu(), list(prompts)))
+        return ray.get(self._next().score_only.remote(images.detach().cpu(), list(prompts)))

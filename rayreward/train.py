@@ -340,8 +340,10 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
     skipped, row, recent = resume.skipped, {}, []
+    fault_at = runtime.fault_step() if rank == 0 else None  # tests only
     for step in range(resume.step, cfg.train.steps):
-        _maybe_inject_fault(step, rank, out)
+        if step == fault_at:
+            _inject_fault(step, out)
         row = w.train_step(step)
         skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         row["skipped_total"] = skipped
@@ -384,10 +386,8 @@ def progress_line(row: dict, steps: int) -> str:
             f"{row['s_step']:.2f} s/step{note}")
 
 
-def _maybe_inject_fault(step: int, rank: int, out: Path) -> None:
+def _inject_fault(step: int, out: Path) -> None:
     """Tests only (RAYREWARD_FAULT_STEP): rank 0's process dies at that step, once per output folder."""
-    if runtime.fault_step() != step or rank != 0:
-        return
     marker = out / f".fault-injected-at-step-{step}"
     if not marker.exists():
         marker.touch()

@@ -214,11 +214,13 @@ def test_sigterm_stops_the_run_says_how_to_resume_and_the_same_command_resumes(t
     (["score", "--rewards", "symmetry", "--images", ".", "--device", "banana"], 2,
      "--device: 'banana' is not a device; use cpu, cuda or cuda:N"),
     (["score", "--rewards", "symmetry", "--images", ".", "--device", "cuda:7"], 2, "--device: 'cuda:7' is not available"),
+    (["sample", "--device", "banana", "--out", "/tmp/never.png"], 2, "--device: 'banana' is not a device"),
+    (["sample", "--prompts", "/no/such.txt", "--out", "/tmp/never.png"], 2, "--prompts: '/no/such.txt' does not exist"),
     (["sample", "--set", "sampling.num_steps=4", "--prompt", "a", "--seeds", "0", "--out", "/proc/no/grid.png"], 2,
      "'/proc/no': No such file or directory"),  # its folder cannot be made
     (["train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", "output_dir=/proc/runs"], 2,
      "output_dir: cannot write to '/proc/runs'"),
-], ids=["device_name", "device_missing", "sample_out", "train_output_dir"])
+], ids=["device_name", "device_missing", "sample_device", "sample_prompts", "sample_out", "train_output_dir"])
 def test_bad_devices_and_unwritable_outputs_are_one_message(argv, code, needle, capsys):
     from rayreward import cli
 
