@@ -45,11 +45,11 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
                     device: torch.device, batch: int = 8) -> dict[str, torch.Tensor]:
     """{variant: images} for the base model and each LoRA at its scale, quantised to 8 bits as
     they are saved under out/images/VARIANT/. Shape: each (len(prompts) * len(seeds), 3, H, W)."""
-    amp = runtime.autocast_dtype(cfg.train.mixed_precision, device)
+    amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
     c = models.load_components(cfg.model)
     for i, lora in enumerate(loras):
         models.load_lora(c.unet, lora.path, f"eval{i}")
-    if amp is not None:  # nothing trains here: the whole UNet, adapters too, in the autocast dtype
+    if amp is not None:  # nothing trains here: the whole UNet, adapters too, in the compute dtype
         c.unet.to(amp)
     c.to(device, amp)
     variants = [("base", None, 0.0)] + [(lora.name, f"eval{i}", lora.scale) for i, lora in enumerate(loras)]

@@ -1,6 +1,6 @@
 """The Ray side of a run, shared by `train`, `tune` and `eval`: joining or starting Ray, what a
 run asks of the cluster, waiting for it with a deadline, the reward actors and the one decision
-of where rewards run, the device and autocast choice.
+of where rewards run, the device and the compute dtype.
 
 Every wait here ends: an unreachable RAY_ADDRESS fails in seconds, and resources the cluster
 cannot provide fail after `train.start_timeout_s` with a message that names what is missing.
@@ -62,7 +62,9 @@ def check_device(spec: str, field: str) -> torch.device:
     return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the frozen UNet, VAE and text encoders (None: fp32): bf16 or fp16 on CUDA,
+    fp32 on CPU. LoRA parameters are fp32 whatever this says."""
     if device.type != "cuda" or precision == "no":
         return None
     return torch.float16 if precision == "fp16" else torch.bfloat16

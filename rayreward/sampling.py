@@ -38,6 +38,17 @@ class Schedule:
     abar_prev: torch.Tensor  # alpha-bar at the next (less noisy) timestep
     prediction_type: str = "epsilon"  # or "v_prediction" (SD 2.x 768-v)
 
+    def __post_init__(self):
+        # host-side copies for the sampling loop: reading a CUDA tensor there (int(t), float(abar))
+        # would make the host wait for the GPU at every step; read once here instead
+        object.__setattr__(self, "_host", (tuple(int(t) for t in self.timesteps.tolist()),
+                                           tuple(self.abar.double().tolist()), tuple(self.abar_prev.double().tolist())))
+
+    def host(self, n: int) -> tuple[int, float, float]:
+        """(t, abar, abar_prev) of position n as Python numbers (no device sync)."""
+        ts, ab, abp = self._host
+        return ts[n - 1], ab[n - 1], abp[n - 1]
+
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
@@ -86,12 +97,12 @@ def copy_mean(values: torch.Tensor, copies: int) -> torch.Tensor:
 # The sampler.
 
 
-def _eps(out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def _eps(out: torch.Tensor, x: torch.Tensor, abar: torch.Tensor | float, prediction_type: str) -> torch.Tensor:
     """Model output -> eps. v-prediction: eps = sqrt(abar) * v + sqrt(1 - abar) * x_t."""
     if prediction_type == "epsilon":
         return out
     if prediction_type == "v_prediction":
-        return abar.sqrt() * out + (1 - abar).sqrt() * x
+        return abar ** 0.5 * out + (1 - abar) ** 0.5 * x
     raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
 
 
@@ -115,9 +126,9 @@ def _randn_like(x: torch.Tensor, g: Generators) -> torch.Tensor:
     return torch.cat(rows).to(x.device)
 
 
-def x0_hat(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor) -> torch.Tensor:
+def x0_hat(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor | float) -> torch.Tensor:
     """One-step prediction of x_0 from x_t."""
-    return (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
 
 
 def sample(
@@ -150,14 +161,17 @@ def sample(
     last = plan.stop or plan.num_steps
     grad_from = None if plan.sample_grad_from is None else torch.tensor(plan.sample_grad_from, device=x_T.device)
     for n in range(1, last + 1):
-        t, abar, abar_prev = schedule.timesteps[n - 1], schedule.abar[n - 1], schedule.abar_prev[n - 1]
+        # the coefficients are Python floats and the trace's t a Python int: nothing in the loop
+        # waits for the device (the denoiser gets t as a device tensor, no host-to-device copy)
+        t_int, abar, abar_prev = schedule.host(n)
+        t = schedule.timesteps[n - 1]
         # 1. the denoiser at x_t: with gradient on trained steps, on sg(x_t) when detached
         grad = n in plan.grad_steps and torch.is_grad_enabled()
         detached = plan.detach_input or not grad
         out = call(x.detach() if detached else x, t, grad)
         if grad and grad_from is not None:  # AlignProp: only samples past their truncation keep gradient
             out = torch.where((grad_from <= n).view(-1, 1, 1, 1), out, out.detach())
-        trace.append(StepRecord(n, int(t), grad, detached))
+        trace.append(StepRecord(n, t_int, grad, detached))
         # 2. eps and the one-step prediction; the x_t terms keep the linear gradient path
         eps = _eps(out.to(x.dtype), x, abar, schedule.prediction_type)
         x0 = x0_hat(x, eps, abar)
@@ -165,19 +179,20 @@ def sample(
             return SampleResult(x0, trace)
         # 3. the DDIM step to x_{t-1}: a_t * x_t + b_t * eps (+ sigma * z)
         var = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
-        sigma = eta * var.clamp(min=0).sqrt()
-        x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
+        sigma = eta * max(var, 0.0) ** 0.5
+        x = abar_prev ** 0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
         if eta > 0:
             x = x + sigma * _randn_like(x, generator)
 
     if plan.lv_copies:
         # 4. DRaFT-LV: x1_i = alpha_1 * sg(x0) + sigma_1 * z_i; x0_i = x0_hat(x1_i, eps(x1_i))
         n_copies, T = plan.lv_copies, plan.num_steps
-        t1, abar1 = schedule.timesteps[T - 1], schedule.abar[T - 1]
+        t1_int, abar1, _ = schedule.host(T)
+        t1 = schedule.timesteps[T - 1]
         x0 = x.detach().repeat(n_copies, 1, 1, 1)
-        x1 = abar1.sqrt() * x0 + (1 - abar1).sqrt() * _randn_like(x0, generator)
+        x1 = abar1 ** 0.5 * x0 + (1 - abar1) ** 0.5 * _randn_like(x0, generator)
         out = call(x1, t1, torch.is_grad_enabled())
-        trace.append(StepRecord(T, int(t1), torch.is_grad_enabled(), False))
+        trace.append(StepRecord(T, t1_int, torch.is_grad_enabled(), False))
         eps = _eps(out.to(x1.dtype), x1, abar1, schedule.prediction_type)
         return SampleResult(x0_hat(x1, eps, abar1), trace, copies=n_copies)
     return SampleResult(x, trace)

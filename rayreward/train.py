@@ -186,7 +186,7 @@ class Worker:
     device: torch.device
     rank: int
     world: int
-    amp: torch.dtype | None  # autocast dtype of the UNet (None: fp32)
+    amp: torch.dtype | None  # the frozen weights' dtype (bf16/fp16 on CUDA; None: fp32); the LoRA stays fp32
     c: models.Components  # UNet (with LoRA), VAE, text encoder(s), tokenizer(s), scheduler
     params: list[torch.nn.Parameter]  # the LoRA parameters, the only ones trained
     sync: GradSync
@@ -197,7 +197,7 @@ class Worker:
 
     def __init__(self, cfg: config_mod.Config, device: torch.device, score: Callable, rank: int = 0, world: int = 1):
         self.cfg, self.device, self.score, self.rank, self.world = cfg, device, score, rank, world
-        self.amp = runtime.autocast_dtype(cfg.train.mixed_precision, device)
+        self.amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
         self.c = models.load_components(cfg.model)
         if self.amp is not None:
             self.c.unet.to(self.amp)

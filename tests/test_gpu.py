@@ -1,4 +1,4 @@
-"""CUDA paths: bf16 autocast with fp32 LoRA parameters. Runs wherever a GPU is present."""
+"""CUDA paths: bf16/fp16 frozen weights with fp32 LoRA parameters. Runs wherever a GPU is present."""
 
 from pathlib import Path
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 @pytest.mark.parametrize("precision,dtype", [("auto", torch.bfloat16), ("fp16", torch.float16)])
-def test_cuda_autocast_training_step(tmp_path, model, precision, dtype):
+def test_cuda_half_precision_training_step(tmp_path, model, precision, dtype):
     cfg = config.load(ROOT / "experiments/quickstart.yaml",
                       [f"output_dir={tmp_path}", f"model.name={model}", f"train.mixed_precision={precision}",
                        "train.steps=2", "train.use_gpu=true"])

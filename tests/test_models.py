@@ -204,3 +204,34 @@ def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):
     with pytest.raises(RewardLoadError, match="does not answer from this machine"):
         pickscore(model="nobody/no-such-model", processor="nobody/no-such-model")
     assert time.monotonic() - t0 < 20  # the hub libraries' retries took 75 s for PickScore
+
+
+def test_a_bf16_unet_runs_without_autocast_and_keeps_the_lora_fp32():
+    """The compute-dtype path (bf16 frozen weights, inputs cast once, no autocast): its guided
+    output is as close to the fp32 UNet's as bf16 autocast's (the path it replaces), its LoRA
+    gradients point the same way, and the LoRA's parameters and gradients stay fp32."""
+    import copy
+
+    outs, grads = {}, {}
+    c = models.load_components(ModelConfig(name="tiny"))
+    params = models.add_lora(c.unet, LoraConfig(rank=4))
+    _perturb(params, seed=3, std=0.1)
+    cond = models.encode_prompts(c, ["a cat", "a dog"], "", 32, "cpu")
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    for dtype in (None, torch.bfloat16):
+        unet = copy.deepcopy(c.unet)
+        if dtype is not None:
+            for n, p in unet.named_parameters():
+                if "lora_" not in n:
+                    p.data = p.data.to(dtype)
+        out = models.make_denoiser(unet, cond, 5.0, dtype)(x, torch.tensor(500))
+        assert out.dtype == torch.float32
+        out.pow(2).mean().backward()
+        lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+        assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+        outs[dtype], grads[dtype] = out.detach(), torch.cat([p.grad.flatten() for p in lora])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = models.make_denoiser(c.unet, cond, 5.0)(x, torch.tensor(500)).float()
+    err = lambda y: float((y - outs[None]).norm() / outs[None].norm())  # noqa: E731
+    assert err(outs[torch.bfloat16]) < 1.25 * err(autocast), (err(outs[torch.bfloat16]), err(autocast))
+    assert torch.nn.functional.cosine_similarity(grads[torch.bfloat16], grads[None], dim=0) > 0.99
