@@ -17,7 +17,7 @@ exact semantics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -37,12 +37,14 @@ class Schedule:
     abar: torch.Tensor  # alpha-bar at t
     abar_prev: torch.Tensor  # alpha-bar at the next (less noisy) timestep
     prediction_type: str = "epsilon"  # or "v_prediction" (SD 2.x 768-v)
+    # host-side copies (t, abar, abar_prev as Python numbers) for the sampling loop: reading a CUDA
+    # tensor there (int(t), float(abar)) would make the host wait for the GPU at every step
+    _host: tuple | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        # host-side copies for the sampling loop: reading a CUDA tensor there (int(t), float(abar))
-        # would make the host wait for the GPU at every step; read once here instead
-        object.__setattr__(self, "_host", (tuple(int(t) for t in self.timesteps.tolist()),
-                                           tuple(self.abar.double().tolist()), tuple(self.abar_prev.double().tolist())))
+        if self._host is None:
+            object.__setattr__(self, "_host", (tuple(int(t) for t in self.timesteps.tolist()),
+                                               tuple(self.abar.double().tolist()), tuple(self.abar_prev.double().tolist())))
 
     def host(self, n: int) -> tuple[int, float, float]:
         """(t, abar, abar_prev) of position n as Python numbers (no device sync)."""
@@ -54,7 +56,8 @@ class Schedule:
         return int(self.timesteps.numel())
 
     def to(self, device) -> "Schedule":
-        return Schedule(self.timesteps.to(device), self.abar.to(device), self.abar_prev.to(device), self.prediction_type)
+        return Schedule(self.timesteps.to(device), self.abar.to(device), self.abar_prev.to(device), self.prediction_type,
+                        self._host)
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int) -> "Schedule":

@@ -243,3 +243,22 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch(plan):
     lo_shared, *_ = run(plan, 5, x_T=x_T[:2], eta=0.5, generator=torch.Generator().manual_seed(0))
     hi_shared, *_ = run(plan, 5, x_T=x_T[2:], eta=0.5, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(shared.latents.view(n, 4, -1)[0, 2:], hi_shared.latents.view(n, 2, -1)[0])
+
+
+@pytest.mark.parametrize("method", [MethodConfig(name="drtune", k=2), MethodConfig(name="draft_lv", lv_copies=2),
+                                    MethodConfig(name="alignprop"), MethodConfig(name="refl")])
+def test_the_sampling_loop_never_reads_a_device_value_on_the_host(method):
+    """On a GPU, int(t), float(abar) or .item() in the loop makes the host wait for the device at
+    every step. On the meta device such a read raises, so a chain that runs there has none."""
+    T, B = 8, 2
+    cpu = make_schedule(T, torch.float32)
+    sch = cpu.to("meta")
+    plan = methods.make_plan(method, T, B, torch.Generator().manual_seed(0),
+                             sample_gens=[torch.Generator().manual_seed(i) for i in range(B)])
+    w = torch.nn.Parameter(torch.ones((), device="meta"))
+    x_T = torch.empty(B, 4, 3, 3, device="meta")
+    res = sampling.sample(lambda x, t: w * x, sch, x_T, plan, eta=0.5,
+                          generator=[torch.Generator().manual_seed(i) for i in range(B)])
+    assert res.latents.device.type == "meta" and res.latents.requires_grad
+    ts = cpu.timesteps.tolist()
+    assert res.trace and all(r.timestep == ts[r.position - 1] for r in res.trace)
