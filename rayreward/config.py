@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_KINDS = ("linear", "hinge", "absolute")
 REWARD_MODES = ("local", "remote")
 RESUME_MODES = ("auto", "force")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -108,9 +109,14 @@ class TrainConfig:
     seed: int = 0  # seeds the noise, the step selection and the prompt order
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
     gradient_checkpointing: bool = True  # recompute grad-carrying UNet calls in backward
+    vae_checkpointing: bool = True  # recompute the VAE decoder's blocks in backward (its activations dominate the peak)
+    # torch.compile of the UNet: "off", or a torch.compile mode: "default", "reduce-overhead" (CUDA
+    # graphs on a GPU), "max-autotune". Compiling takes a while once per worker (printed apart)
+    compile: str = "off"
     mixed_precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "no", "bf16", "fp16"
     num_workers: int = 1  # Ray Train workers (data parallel); the global batch is num_workers * batch_size
-    use_gpu: bool = False  # one GPU per worker (NCCL); CPU workers use gloo
+    use_gpu: bool = False  # a GPU per worker (NCCL); CPU workers use gloo
+    gpus_per_worker: float = 1.0  # with use_gpu: a worker's GPU share; 0.5 lets a reward actor (num_gpus 0.5) share its GPU
     max_failures: int = 0  # worker-group restarts (from the latest checkpoint) before the run fails
     # a run started again in the same output_dir resumes from its latest checkpoint. "auto": only
     # when the checkpoint was trained with the same config (else an error lists what differs);
@@ -377,6 +383,11 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
         p.append(f"train.resume: {t.resume!r} is unknown; allowed: {', '.join(RESUME_MODES)}")
     if t.mixed_precision not in PRECISIONS:
         p.append(f"train.mixed_precision: {t.mixed_precision!r} is unknown; allowed: {', '.join(PRECISIONS)}")
+    if t.compile not in COMPILE_MODES:
+        p.append(f"train.compile: {t.compile!r} is unknown; allowed: {', '.join(COMPILE_MODES)}")
+    if not 0 < t.gpus_per_worker <= 1:
+        p.append(f"train.gpus_per_worker: {t.gpus_per_worker} is not allowed; need a GPU share in (0, 1] (a worker "
+                 "uses one device)")
 
     mc = cfg.model
     if mc.flavour not in FLAVOURS:
@@ -460,6 +471,9 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), training:
             data[top] = defaults[top]
         apply_override(data, assignment)
     problems: list[str] = _drop_retired(data)
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("compile"), bool):  # YAML reads `off` / `on` as booleans
+        train["compile"] = "default" if train["compile"] else "off"
     cfg = _build(Config, data, "", problems)
     if not problems:
         problems = validate(cfg, training)

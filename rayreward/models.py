@@ -301,6 +301,16 @@ def make_denoiser(unet: torch.nn.Module, cond: Conditioning, guidance_scale: flo
     return denoise
 
 
+def compile_unet(unet: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """The UNet to call in the chain: itself ("off"), or torch.compile of it in `mode`. The
+    compiled module shares the UNet's parameters (LoRA included), which AdamW updates in place,
+    so a compiled graph (or a CUDA graph of "reduce-overhead") sees every update without a
+    recompile; saving and loading LoRAs still go through the UNet itself."""
+    if mode == "off":
+        return unet
+    return torch.compile(unet, mode=mode, dynamic=False)
+
+
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1]. Shape: (b, 4, h, w) -> (b, 3, h * f, w * f). Differentiable."""
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0

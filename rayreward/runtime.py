@@ -145,20 +145,25 @@ def _drop_forwarded_output_of(actors: tuple[str, ...]) -> None:
                 dispatcher.handlers[i] = (name, filtered)
 
 
+def worker_resources(cfg) -> dict[str, float]:
+    """One Ray Train worker's resources: 1 CPU, and train.gpus_per_worker GPU with use_gpu (a
+    share below 1 lets a reward actor of reward_server.num_gpus <= 1 - share use the same GPU)."""
+    return {"CPU": 1.0, **({"GPU": float(cfg.train.gpus_per_worker)} if cfg.train.use_gpu else {})}
+
+
 def resources_needed(cfg) -> dict[str, float]:
-    """What the run asks of the cluster: Ray Train workers (1 CPU, and 1 GPU with use_gpu, each)
-    plus the reward actors."""
+    """What the run asks of the cluster: the Ray Train workers plus the reward actors."""
     t, rs = cfg.train, cfg.reward_server
-    need = {"CPU": float(t.num_workers), "GPU": float(t.num_workers if t.use_gpu else 0)}
+    need = {k: t.num_workers * v for k, v in worker_resources(cfg).items()}
     if rs.mode == "remote":
         need["CPU"] += rs.replicas * rs.num_cpus
-        need["GPU"] += rs.replicas * rs.num_gpus
+        need["GPU"] = need.get("GPU", 0.0) + rs.replicas * rs.num_gpus
         for k, v in rs.resources.items():
             need[k] = need.get(k, 0.0) + rs.replicas * v
     return {k: v for k, v in need.items() if v > 0}
 
 
-HINT = ("train.num_workers x (1 CPU, +1 GPU with train.use_gpu) + reward_server.replicas x "
+HINT = ("train.num_workers x (1 CPU, + train.gpus_per_worker GPU with train.use_gpu) + reward_server.replicas x "
         "(reward_server.num_cpus, num_gpus, resources)")
 
 
@@ -177,8 +182,7 @@ def check_resources(cfg, have: dict[str, float], fixed: bool) -> None:
 
 def _bundles(cfg) -> list[dict[str, float]]:
     t, rs = cfg.train, cfg.reward_server
-    worker = {"CPU": 1.0, **({"GPU": 1.0} if t.use_gpu else {})}
-    bundles = [worker] * t.num_workers
+    bundles = [worker_resources(cfg)] * t.num_workers
     if rs.mode == "remote":
         actor = {"CPU": rs.num_cpus, "GPU": rs.num_gpus, **rs.resources}
         bundles += [{k: float(v) for k, v in actor.items() if v > 0}] * rs.replicas

@@ -188,6 +188,7 @@ class Worker:
     world: int
     amp: torch.dtype | None  # the frozen weights' dtype (bf16/fp16 on CUDA; None: fp32); the LoRA stays fp32
     c: models.Components  # UNet (with LoRA), VAE, text encoder(s), tokenizer(s), scheduler
+    unet: torch.nn.Module  # what the chain calls: c.unet, or its torch.compile (train.compile)
     params: list[torch.nn.Parameter]  # the LoRA parameters, the only ones trained
     sync: GradSync
     optimizer: torch.optim.AdamW
@@ -203,6 +204,9 @@ class Worker:
             self.c.unet.to(self.amp)
         self.c.to(device, self.amp)
         self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
+        if cfg.train.vae_checkpointing:  # diffusers recomputes the decoder's blocks in backward
+            self.c.vae.enable_gradient_checkpointing()
+        self.unet = models.compile_unet(self.c.unet, cfg.train.compile)
         self.sync = GradSync(self.params, world)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
@@ -246,7 +250,7 @@ class Worker:
         prompts, x_T, plan, noise = self.draw_batch(step)
         # 2. sample with gradient where the plan says, decode
         cond = models.encode_prompts(self.c, prompts, cfg.sampling.negative_prompt, cfg.model.resolution, self.device)
-        denoise = models.make_denoiser(self.c.unet, cond, cfg.sampling.guidance_scale, self.amp)
+        denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp)
         res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=noise,
                               gradient_checkpointing=cfg.train.gradient_checkpointing)
         images = models.decode(self.c.vae, res.latents)
@@ -304,9 +308,41 @@ class Worker:
 
     @torch.no_grad()
     def render(self, prompts, seeds) -> torch.Tensor:
-        """Images of (prompt, seed) pairs, row-major, with the current LoRA."""
+        """Images of (prompt, seed) pairs, row-major, with the current LoRA. Eager UNet: a grid is
+        rendered twice a run, at a batch no training step has, so compiling it would not pay."""
         return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
-                               self.amp)
+                             self.amp)
+
+    def warm_up(self) -> float:
+        """Compile the UNet's graphs for this run's shapes before the first step (train.compile):
+        one no-grad call and one grad-carrying call with its backward, as the chain makes them.
+        Returns the seconds it took; the LoRA and its gradients are left as they were."""
+        if self.cfg.train.compile == "off":
+            return 0.0
+        t0 = time.perf_counter()
+        prompts, x_T, plan, _ = self.draw_batch(0)
+        cond = models.encode_prompts(self.c, prompts, self.cfg.sampling.negative_prompt, self.cfg.model.resolution,
+                                     self.device)
+        denoise = models.make_denoiser(self.unet, cond, self.cfg.sampling.guidance_scale, self.amp)
+        t = self.schedule.timesteps[0]
+        with torch.no_grad():
+            denoise(x_T, t)
+        # grad-carrying calls see sg(x_t) (DRTune), or also an x_t that carries gradient from an
+        # earlier trained step (a graph of its own)
+        inputs = [x_T] + ([] if plan.detach_input else [x_T.clone().requires_grad_(True)])
+        for x in inputs:
+            if self.cfg.train.gradient_checkpointing:
+                from torch.utils.checkpoint import checkpoint
+
+                out = checkpoint(denoise, x, t, use_reentrant=False)
+            else:
+                out = denoise(x, t)
+            (out.sum() * 0).backward()
+        for p in self.params:
+            p.grad = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
 
 def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
@@ -341,10 +377,16 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
     skipped, row, recent = resume.skipped, {}, []
     fault_at = runtime.fault_step() if rank == 0 else None  # tests only
+    s_compile = w.warm_up()  # 0 without train.compile
+    if main and s_compile:
+        print(f"[rayreward] torch.compile ({cfg.train.compile}): {s_compile:.1f} s, once per worker; not in s/step",
+              flush=True)
     for step in range(resume.step, cfg.train.steps):
         if step == fault_at:
             _inject_fault(step, out)
         row = w.train_step(step)
+        if step == resume.step and s_compile:
+            row["s_compile"] = s_compile
         skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         row["skipped_total"] = skipped
         recent = (recent + [row["reward_mean"]])[-5:]
@@ -492,7 +534,8 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
             train_loop_config={"config": cfg.to_dict(), "reward_actors": actors,
                                "resume_from": plan.resume.folder if plan.resume else None,
                                "skip_checkpoints": plan.skip},
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                         resources_per_worker=runtime.worker_resources(cfg)),
             run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),

@@ -24,7 +24,9 @@ def ray_session():
 
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAYREWARD_CACHE": os.environ["RAYREWARD_CACHE"],
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+    # one logical GPU, so that the placement of GPU shares is tested for real (Ray schedules
+    # logical resources; no test runs CUDA code on it)
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env={"env_vars": env})
     yield ray
     ray.shutdown()
 

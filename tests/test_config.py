@@ -132,3 +132,12 @@ def test_config_error_survives_pickling_across_processes():
     err = config.ConfigError(["method.k: 50 is larger than sampling.num_steps (10)", "lora.rank: -1"])
     back = pickle.loads(pickle.dumps(err))
     assert back.problems == err.problems and str(back) == str(err)
+
+
+def test_compile_mode_is_checked():
+    assert config.from_dict({}, ["train.compile=reduce-overhead"]).train.compile == "reduce-overhead"
+    # YAML 1.1 reads a bare off / on as a boolean
+    assert [config.from_dict({}, [f"train.compile={v}"]).train.compile for v in ("off", "on")] == ["off", "default"]
+    with pytest.raises(config.ConfigError, match="train.compile: 'fast' is unknown; allowed: off, default, reduce-overhead, "
+                                                 "max-autotune"):
+        config.from_dict({}, ["train.compile=fast"])

@@ -98,6 +98,26 @@ def test_remote_mode_rejects_unplaceable_reward_servers_at_validation():
         config.from_dict({}, ["reward_server.resources={reward_host: -1}"])
 
 
+def test_a_worker_and_a_reward_actor_share_one_gpu(ray_session):
+    """train.gpus_per_worker 0.5 + reward_server.num_gpus 0.5 fit a one-GPU cluster: checked, and
+    placed for real as the run's bundles on the session's Ray (one logical GPU). Without the
+    share, the same run is refused before anything starts."""
+    shared = ["train.use_gpu=true", "reward_server.mode=remote", "reward_server.num_gpus=0.5", "train.start_timeout_s=20"]
+    cfg = config.from_dict({}, shared + ["train.gpus_per_worker=0.5"])
+    assert runtime.worker_resources(cfg) == {"CPU": 1.0, "GPU": 0.5}
+    assert runtime.resources_needed(cfg) == {"CPU": 2.0, "GPU": 1.0}
+    assert ray_session.cluster_resources()["GPU"] == 1
+    runtime.check_resources(cfg, ray_session.cluster_resources(), fixed=True)
+    runtime.wait_for_resources(cfg)  # raises ClusterError when Ray cannot place the bundles
+    whole = config.from_dict({}, shared)
+    with pytest.raises(config.ConfigError, match="GPU: needs 1.5, the cluster has 1.*train.gpus_per_worker"):
+        runtime.check_resources(whole, ray_session.cluster_resources(), fixed=True)
+    with pytest.raises(runtime.ClusterError, match="within train.start_timeout_s"):
+        runtime.wait_for_resources(config.from_dict({}, shared + ["train.start_timeout_s=2"]))
+    with pytest.raises(config.ConfigError, match=r"train.gpus_per_worker: 1.5 is not allowed; need a GPU share in \(0, 1\]"):
+        config.from_dict({}, ["train.gpus_per_worker=1.5"])
+
+
 def test_fault_injection_is_not_a_config_setting_any_more():
     """An older run's saved config.yaml holds the retired keys as null: it still loads."""
     cfg = config.from_dict({"train": {"fail_at_step": None}, "reward_server": {"fail_after_calls": None}})
