@@ -60,10 +60,10 @@ def report(paths: Sequence[str | Path], out: Path, last: int = 5):
     return runs, table
 
 
-def markdown(table, floatfmt: str) -> str:
+def markdown(table, floatfmt: str, index: bool = True) -> str:
     """A DataFrame as a markdown table when `tabulate` is installed (pandas needs it), else as text."""
     import importlib.util
 
     if importlib.util.find_spec("tabulate") is not None:
-        return table.to_markdown(floatfmt=floatfmt)
-    return table.to_string(float_format=lambda v: format(v, floatfmt))
+        return table.to_markdown(floatfmt=floatfmt, index=index)
+    return table.to_string(float_format=lambda v: format(v, floatfmt), index=index)

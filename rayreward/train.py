@@ -196,10 +196,13 @@ class Worker:
     schedule: sampling.Schedule
     prompts: list[str]  # the training prompts
 
-    def __init__(self, cfg: config_mod.Config, device: torch.device, score: Callable, rank: int = 0, world: int = 1):
+    def __init__(self, cfg: config_mod.Config, device: torch.device, score: Callable, rank: int = 0, world: int = 1,
+                 components: models.Components | None = None):
+        """`components`: models already in memory (benchmarks build real-shape pipelines in code);
+        default: loaded from cfg.model."""
         self.cfg, self.device, self.score, self.rank, self.world = cfg, device, score, rank, world
         self.amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
-        self.c = models.load_components(cfg.model)
+        self.c = components if components is not None else models.load_components(cfg.model)
         if self.amp is not None:
             self.c.unet.to(self.amp)
         self.c.to(device, self.amp)

@@ -25,3 +25,30 @@ def test_cuda_half_precision_training_step(tmp_path, model, precision, dtype):
     assert next(w.c.vae.parameters()).dtype == dtype
     row = w.train_step(0)
     assert row["stepped"] == 1 and row["grad_norm"] > 0
+
+
+def test_the_chain_has_no_per_step_host_device_sync(tmp_path):
+    """torch's sync debug mode warns at each host-device synchronisation: a chain of 8 steps must
+    warn no more often than a chain of 4 (one-off syncs in setup are allowed, none per step)."""
+    import warnings
+
+    from rayreward import methods, models, sampling
+
+    cfg = config.load(ROOT / "experiments/quickstart.yaml", [f"output_dir={tmp_path}", "train.use_gpu=true"])
+    w = make_worker(cfg, "cuda")
+    prompts, x_T, _, _ = w.draw_batch(0)
+    cond = models.encode_prompts(w.c, prompts, "", cfg.model.resolution, "cuda")
+    denoise = models.make_denoiser(w.unet, cond, cfg.sampling.guidance_scale, w.amp)
+    counts = {}
+    for T in (4, 8):
+        schedule = sampling.Schedule.from_scheduler(w.c.scheduler, T).to("cuda")
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                sampling.sample(denoise, schedule, x_T, methods.plan_inference(T))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[T] = sum("synchroniz" in str(c.message) for c in caught)
+    assert counts[8] == counts[4], counts

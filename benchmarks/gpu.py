@@ -1,0 +1,312 @@
+"""Seconds per training step, its split and peak memory, per method, at SD-1.5 and SDXL shapes,
+beside the stock diffusers pipeline on the same model.
+
+    python benchmarks/gpu.py --out docs/benchmarks/gpu.md      # on a GPU: sd15 at 512 px, sdxl at 1024 px
+    python benchmarks/gpu.py --shapes sd15 --steps 10 --methods drtune draft_k --compile reduce-overhead
+    python benchmarks/gpu.py --shapes tiny --device cpu --steps 2 --repeats 1   # the same code, tiny (CI)
+
+The pipelines are the real diffusers/transformers classes built in code from the published
+SD-1.5 and SDXL architectures, with random weights (nothing is downloaded); speed and memory do
+not depend on the weights' values. Per shape it prints:
+- the stock pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`, DDIM, CFG, the
+  compute dtype, decode included) and rayreward's no-grad chain (`render.render`, the same work),
+  eager and, with --compile, compiled; both without and with the LoRA adapter in the UNet;
+- per method and T: s/step (median of --repeats after one warm-up step) split into sample /
+  reward / backward, peak memory (torch.cuda.max_memory_allocated), and for DRTune the ratio of
+  its step to the sum of its parts timed alone in the same run (no-grad UNet calls, checkpointed
+  grad calls with their backward, VAE decode forward and backward, reward);
+- the ratios that issue 11 sets goals for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rayreward import config, methods, models, render, reports, runtime, sampling, serving, train
+
+ALL_METHODS = list(methods.METHODS)
+SHAPES = ("sd15", "sdxl", "tiny")
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-shape pipelines, random weights.
+
+
+def _text_config(hidden: int, layers: int, heads: int, intermediate: int, projection: int, tok, act="quick_gelu"):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          intermediate_size=intermediate, projection_dim=projection, hidden_act=act,
+                          vocab_size=49408, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         scaling_factor=scaling_factor)
+
+
+def build(shape: str, seed: int = 0):
+    """(Components, stock pipeline) sharing the same modules, random-initialised from `seed`.
+    Shape "sd15": UNet 860 M, CLIP ViT-L/14 text encoder (12 layers, 768), the SD VAE.
+    Shape "sdxl": UNet 2.6 B, CLIP ViT-L and OpenCLIP ViT-bigG (32 layers, 1280) text encoders.
+    The tokenizer is the tiny models' byte-level CLIPTokenizer padded to 77 tokens (the real
+    vocabulary cannot be downloaded; its size does not change the compute)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if shape == "tiny":
+        pipe = models.build_tiny_pipeline("sd", seed)
+    else:
+        torch.manual_seed(seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = models._tiny_tokenizer(Path(tmp), max_length=77)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+        if shape == "sd15":
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+            te = CLIPTextModel(_text_config(768, 12, 12, 3072, 768, tok))
+            pipe = StableDiffusionPipeline(vae=_vae(0.18215), text_encoder=te, tokenizer=tok, unet=unet,
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        elif shape == "sdxl":
+            unet = UNet2DConditionModel(
+                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+            te1 = CLIPTextModel(_text_config(768, 12, 12, 3072, 768, tok))
+            te2 = CLIPTextModelWithProjection(_text_config(1280, 32, 20, 5120, 1280, tok, act="gelu"))
+            pipe = StableDiffusionXLPipeline(vae=_vae(0.13025), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                             tokenizer_2=tok, unet=unet, scheduler=scheduler)
+        else:
+            raise SystemExit(f"--shapes: {shape!r} is unknown; allowed: {', '.join(SHAPES)}")
+    flavour = "sdxl" if shape == "sdxl" else "sd"
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if flavour == "sdxl" else [])
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if flavour == "sdxl" else [])
+    for m in [pipe.unet, pipe.vae, *encoders]:
+        m.eval().requires_grad_(False)
+    c = models.Components(pipe.unet, pipe.vae, encoders, tokenizers, pipe.scheduler, flavour, f"random {shape}",
+                          force_zeros_for_empty_prompt=flavour == "sdxl")
+    return c, pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats`, after one warm-up call."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+@contextlib.contextmanager
+def peak(device, into: dict):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    into["peak_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def run_config(args, shape: str, method: str, T: int, compile_mode: str) -> config.Config:
+    return config.from_dict({
+        "model": {"name": "tiny", "resolution": args.resolution or RESOLUTION[shape]},
+        "sampling": {"num_steps": T, "guidance_scale": 7.5},
+        "method": {"name": method, "k": args.k, "early_stop_m": max(1, int(0.4 * T)), "refl_window": [1, max(1, T // 4)]},
+        "train": {"batch_size": args.batch, "compile": compile_mode, "mixed_precision": args.precision},
+        "lora": {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
+        "rewards": [{"name": "symmetry"}]})
+
+
+def stock_seconds(pipe, args, shape: str, T: int, device) -> float:
+    prompts = ["a photo of a cat"] * args.batch
+    side = args.resolution or RESOLUTION[shape]
+
+    def go():
+        with torch.no_grad():
+            pipe(prompt=prompts, num_inference_steps=T, guidance_scale=7.5, output_type="pt",
+                 height=side, width=side,
+                 generator=torch.Generator().manual_seed(0))
+
+    pipe.set_progress_bar_config(disable=True)
+    return timed(go, device, args.repeats)
+
+
+def chain_seconds(c, unet, args, shape: str, T: int, device, amp) -> float:
+    cfg = run_config(args, shape, "drtune", T, "off")
+    prompts, seeds = ["a photo of a cat"], list(range(args.batch))
+    return timed(lambda: render.render(c, prompts, seeds, cfg.sampling, cfg.model.resolution, device, amp, unet=unet),
+                 device, args.repeats)
+
+
+def drtune_parts(w: train.Worker, device, repeats: int) -> dict[str, float]:
+    """The parts of one DRTune step, each timed alone: a no-grad UNet call, a grad-carrying call
+    (checkpointed when the run checkpoints) with its backward, the VAE decode forward and
+    backward, the reward and loss."""
+    from torch.utils.checkpoint import checkpoint
+
+    prompts, x_T, _, _ = w.draw_batch(0)
+    cond = models.encode_prompts(w.c, prompts, w.cfg.sampling.negative_prompt, w.cfg.model.resolution, device)
+    denoise = models.make_denoiser(w.unet, cond, w.cfg.sampling.guidance_scale, w.amp)
+    t = w.schedule.timesteps[0]
+
+    def nograd():
+        with torch.no_grad():
+            denoise(x_T, t)
+
+    def grad():
+        out = checkpoint(denoise, x_T, t, use_reentrant=False) if w.cfg.train.gradient_checkpointing else denoise(x_T, t)
+        out.float().square().mean().backward()
+
+    z = x_T.clone().requires_grad_(True)
+
+    def vae():
+        models.decode(w.c.vae, z).mean().backward()
+
+    with torch.no_grad():
+        images = models.decode(w.c.vae, x_T)
+
+    def reward():
+        im = images.clone().requires_grad_(True)
+        loss, _, _ = w.score(im, prompts, 1)
+        loss.backward()
+
+    parts = {name: timed(fn, device, repeats) for name, fn in
+             [("nograd_call", nograd), ("grad_call", grad), ("vae", vae), ("reward", reward)]}
+    for p in w.params:
+        p.grad = None
+    return parts
+
+
+def method_rows(c, args, shape: str, T: int, device, compile_mode: str) -> list[dict]:
+    rows = []
+    for method in args.methods:
+        cfg = run_config(args, shape, method, T, compile_mode)
+        w = train.Worker(cfg, device, serving.LocalReward(cfg.rewards, cfg.loss, str(device)), components=c)
+        row = {"shape": shape, "T": T, "method": method, "compile": compile_mode, "s_compile": w.warm_up()}
+        w.train_step(0)  # warm-up
+        steps = []
+        with peak(device, row):
+            for i in range(args.repeats):
+                sync(device)
+                steps.append(w.train_step(1 + i))
+        for key in ("s_step", "s_sample", "s_reward", "s_backward", "trained_steps"):
+            row[key] = statistics.median(r[key] for r in steps)
+        if method == "drtune":
+            parts = drtune_parts(w, device, args.repeats)
+            trace = w.forward_backward(99)[2].trace
+            for p in w.params:
+                p.grad = None
+            n_grad = sum(r.grad for r in trace)
+            predicted = ((len(trace) - n_grad) * parts["nograd_call"] + n_grad * parts["grad_call"] + parts["vae"]
+                         + parts["reward"])
+            row.update(parts, predicted=predicted, step_over_parts=row["s_step"] / predicted)
+        rows.append(row)
+        print(f"  {shape} T={T:3d} {method:10s} compile={compile_mode:15s} {row['s_step']:.3f} s/step "
+              f"(sample {row['s_sample']:.3f}, reward {row['s_reward']:.3f}, backward {row['s_backward']:.3f}), "
+              f"peak {row['peak_GiB']:.2f} GiB" + (f", step/parts {row['step_over_parts']:.2f}" if "predicted" in row
+                                                  else ""), file=sys.stderr, flush=True)
+        c.unet.delete_adapters(["default"])  # the next method's Worker adds its own
+        del w
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["sd15", "sdxl"], choices=SHAPES)
+    ap.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--resolution", type=int, default=0, help="default: 512 (sd15), 1024 (sdxl), 64 (tiny)")
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--precision", default="auto", choices=config.PRECISIONS)
+    ap.add_argument("--compile", default="off", choices=config.COMPILE_MODES,
+                    help="also measure with this train.compile mode")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None, help="write the tables here (markdown)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    modes = ["off"] + ([args.compile] if args.compile != "off" else [])
+
+    import pandas as pd
+
+    chains, steps = [], []
+    for shape in args.shapes:
+        t0 = time.perf_counter()
+        c, pipe = build(shape)
+        amp = runtime.compute_dtype(args.precision, device)
+        if amp is not None:
+            pipe.to(amp)
+        pipe.to(device)
+        print(f"[gpu.py] built {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for T in args.steps:
+            row = {"shape": shape, "T": T, "stock": stock_seconds(pipe, args, shape, T, device)}
+            row["chain"] = chain_seconds(c, c.unet, args, shape, T, device, amp)
+            models.add_lora(c.unet, run_config(args, shape, "drtune", T, "off").lora)
+            row["stock_lora"] = stock_seconds(pipe, args, shape, T, device)
+            row["chain_lora"] = chain_seconds(c, c.unet, args, shape, T, device, amp)
+            for mode in modes[1:]:
+                compiled = models.compile_unet(c.unet, mode)
+                t1 = time.perf_counter()
+                chain_seconds(c, compiled, args, shape, T, device, amp)  # compiles
+                row[f"s_compile_chain_{mode}"] = time.perf_counter() - t1
+                row[f"chain_lora_{mode}"] = chain_seconds(c, compiled, args, shape, T, device, amp)
+            c.unet.delete_adapters(["default"])
+            chains.append(row)
+            for mode in modes:
+                steps += method_rows(c, args, shape, T, device, mode)
+        del c, pipe
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    chain_df, step_df = pd.DataFrame(chains), pd.DataFrame(steps)
+    chain_df["chain/stock"] = chain_df["chain_lora"] / chain_df["stock_lora"]
+    for mode in modes[1:]:
+        chain_df[f"compiled/stock ({mode})"] = chain_df[f"chain_lora_{mode}"] / chain_df["stock_lora"]
+    head = (f"device: {name}; torch {torch.__version__}; batch {args.batch}; CFG 7.5; DDIM; compute dtype "
+            f"{runtime.compute_dtype(args.precision, device) or torch.float32}; LoRA rank 4 on to_q/to_k/to_v/to_out.0; "
+            f"K = {args.k}; gradient checkpointing on; median of {args.repeats}")
+    cols = [c for c in ["shape", "method", "T", "compile", "s_step", "s_sample", "s_reward", "s_backward",
+                        "trained_steps", "peak_GiB", "step_over_parts", "s_compile"] if c in step_df]
+    text = "\n\n".join([head, "No-grad chain against the stock pipeline, seconds (decode included):",
+                        reports.markdown(chain_df, ".3f", index=False), "Training steps:",
+                        reports.markdown(step_df[cols], ".3f", index=False)])
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(f"# benchmarks/gpu.py\n\n`python benchmarks/gpu.py {' '.join(argv or sys.argv[1:])}`"
+                                  f"\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
