@@ -1,4 +1,4 @@
-"""`rayreward train | tune | sample | eval | score | report | export`.
+"""`rayreward train | tune | sample | eval | score | report | export | pretrain`.
 
   train   train a LoRA with one of the methods (Ray Train workers; rewards in-process or in actors)
   tune    a Ray Tune sweep, each trial a training run
@@ -7,6 +7,7 @@
   score   score a folder of images with rewards
   report  several runs' reward curves and a method x reward table
   export  a LoRA in the kohya layout that image UIs load
+  pretrain  a small text-to-image model of the synthetic shapes world, from scratch
 
 One grammar across them: `--lora [NAME=]PATH[:SCALE]`, `--seeds 0 1 2` (or 0,1,2), `--device
 auto|cpu|cuda[:N]`, `--prompts SOURCE` (a .txt, a .csv, builtin:NAME or hpsv2:STYLE; training's
@@ -286,6 +287,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from rayreward import pretrain
+    from rayreward.config import ConfigError, PretrainConfig
+    from rayreward.runtime import resolve_device
+
+    cfg = PretrainConfig(out=args.out, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
+                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                                  device=str(resolve_device(args.device, "--device")))
+    cfg.check()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError([f"--out: {args.out!r} is not empty; pretrain writes a new folder (remove it or choose "
+                           "another)"])
+    pretrain.run(cfg)
+    return 0
+
+
 def cmd_score(args) -> int:
     import numpy as np
     import pandas as pd
@@ -382,6 +400,18 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=["kohya"], help="the layout to write")
     x.add_argument("--out", required=True, help="the .safetensors file to write")
     x.set_defaults(fn=cmd_export)
+
+    q = add("pretrain", help="pretrain a small text-to-image model on the synthetic shapes world")
+    q.add_argument("--out", required=True, help="the diffusers folder to write (must not exist or be empty)")
+    from rayreward.config import PretrainConfig as defaults
+    q.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
+    q.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    q.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    q.add_argument("--lr", type=float, default=defaults.lr)
+    q.add_argument("--seed", type=int, default=defaults.seed)
+    q.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    q.set_defaults(fn=cmd_pretrain)
     return p
 
 

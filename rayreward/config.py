@@ -410,6 +410,30 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     return p
 
 
+@dataclass
+class PretrainConfig:
+    """`rayreward pretrain`'s settings (rayreward/pretrain.py): the shapes model from scratch."""
+
+    out: str  # the diffusers folder to write
+    unet_steps: int = 6000  # UNet + text encoder optimizer steps
+    vae_steps: int = 800  # VAE optimizer steps
+    batch_size: int = 32
+    lr: float = 5e-4  # UNet and text encoder (AdamW, cosine decay to 10 %)
+    vae_lr: float = 1e-3
+    seed: int = 0
+    threads: int = 0  # torch threads (0: torch's default)
+    device: str = "cpu"  # or "cuda"; the saved weights are fp32 either way
+
+    def check(self) -> None:
+        flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731  (the CLI's names)
+        bad = [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 1"
+               for k in ("unet_steps", "vae_steps", "batch_size") if getattr(self, k) < 1]
+        bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need > 0" for k in ("lr", "vae_lr")
+                if not getattr(self, k) > 0]
+        if bad:
+            raise ConfigError(bad)
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry points.
 

@@ -1,0 +1,201 @@
+"""Pretraining a small text-to-image model on the shapes world (`rayreward pretrain`).
+
+An SD-1.x pipeline of the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
+CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two phases:
+
+1. the VAE (64 px <-> 4 x 16 x 16 latents) as an autoencoder on shapes images: L1 + a small KL,
+   briefly; the shapes world is flat colours, which a small VAE reconstructs well;
+2. the UNet and the text encoder together, with the VAE frozen: the standard epsilon objective
+   (DDPM noise, scaled-linear betas as in SD), the caption dropped 10 % of the time so that
+   classifier-free guidance works.
+
+Every batch is drawn fresh from the world (seed = step * batch + i), so there is no dataset on
+disk and no epoch. The result is a normal diffusers folder, with `pretrain.json` (the command's
+settings, seed, time and losses), `loss_curve.png` and `samples.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rayreward import shapes
+from rayreward.config import PretrainConfig
+
+SIDE = 64  # image side, px
+
+
+def build_pipeline(seed: int, tokenizer_dir: Path):
+    """The untrained pipeline: real classes, random weights from `seed`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = shapes.tokenizer(tokenizer_dir)
+        te = CLIPTextModel(CLIPTextConfig(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok),
+            max_position_embeddings=tok.model_max_length, projection_dim=64, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        vae = AutoencoderKL(block_out_channels=(32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                            layers_per_block=1, norm_num_groups=16, sample_size=SIDE)
+        unet = UNet2DConditionModel(
+            sample_size=SIDE // 4, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128), layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (size, 3, 64, 64) and their captions, from scene seeds of this step."""
+    import numpy as np
+
+    base = seed * 1_000_003 + step * size
+    scenes = [shapes.scene(base + i) for i in range(size)]
+    arr = np.stack([np.asarray(shapes.draw(s, SIDE), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1, [s.caption for s in scenes]
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+
+
+def train_vae(vae, cfg: PretrainConfig, log: list[dict]) -> None:
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    with _progress(cfg.vae_steps, "vae") as bar:
+        for step in range(cfg.vae_steps):
+            x, _ = batch(step, cfg.batch_size, cfg.seed + 1)
+            x = x.to(cfg.device)
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+            kl = post.kl().mean() / x[0].numel()
+            l1 = (rec - x).abs().mean()
+            loss = l1 + 1e-4 * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            log.append({"phase": "vae", "step": step, "loss": float(l1.detach())})
+            bar.set_postfix(l1=f"{log[-1]['loss']:.4f}")
+            bar.update()
+    vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def latent_scale(vae, cfg: PretrainConfig) -> float:
+    """1 / std of the latents, as SD's scaling_factor: the UNet then sees unit-variance latents."""
+    x, _ = batch(0, 256, cfg.seed + 2)
+    return float(1 / vae.encode(x.to(cfg.device)).latent_dist.mean.std())
+
+
+def train_unet(pipe, cfg: PretrainConfig, log: list[dict]) -> None:
+    from diffusers import DDPMScheduler
+
+    unet, te, tok, vae = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.vae
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    abar = noise_sched.alphas_cumprod
+    unet.train().requires_grad_(True)
+    te.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps))))
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    scale = vae.config.scaling_factor
+    with _progress(cfg.unet_steps, "unet") as bar:
+        for step in range(cfg.unet_steps):
+            x, captions = batch(step, cfg.batch_size, cfg.seed)
+            drop = torch.rand(len(captions), generator=g) < 0.1
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            with torch.no_grad():
+                post = vae.encode(x.to(cfg.device)).latent_dist
+                z = (post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(cfg.device)) * scale
+            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(cfg.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (x.shape[0],), generator=g)
+            eps = torch.randn(z.shape, generator=g).to(cfg.device)
+            a = abar[t].view(-1, 1, 1, 1).to(cfg.device)
+            t = t.to(cfg.device)
+            z_t = a.sqrt() * z + (1 - a).sqrt() * eps
+            pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample
+            loss = F.mse_loss(pred, eps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            log.append({"phase": "unet", "step": step, "loss": float(loss.detach())})
+            if step % 10 == 0:
+                recent = [r["loss"] for r in log[-100:] if r["phase"] == "unet"]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+            bar.update()
+    unet.eval().requires_grad_(False)
+    te.eval().requires_grad_(False)
+
+
+def _plot(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, phase, label in zip(axes, ("vae", "unet"), ("VAE L1", "UNet epsilon MSE")):
+        ys = [r["loss"] for r in log if r["phase"] == phase]
+        k = max(1, len(ys) // 100)
+        smooth = [sum(ys[i:i + k]) / len(ys[i:i + k]) for i in range(0, len(ys), k)]
+        ax.plot([i * k for i in range(len(smooth))], smooth)
+        ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(cfg: PretrainConfig) -> Path:
+    """Pretrain and save; returns the folder."""
+    cfg.check()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    log: list[dict] = []
+    torch.manual_seed(cfg.seed)  # the VAE's posterior samples
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = build_pipeline(cfg.seed, Path(tmp) / "tokenizer").to(cfg.device)
+        train_vae(pipe.vae, cfg, log)
+        pipe.vae.register_to_config(scaling_factor=latent_scale(pipe.vae, cfg))
+        t_vae = time.time() - t0
+        train_unet(pipe, cfg, log)
+        out.mkdir(parents=True, exist_ok=True)
+        pipe.to("cpu").save_pretrained(out)
+    seconds = time.time() - t0
+    def mean(phase: str, part: slice) -> float:
+        ys = [r["loss"] for r in log if r["phase"] == phase][part]
+        return sum(ys) / len(ys)
+
+    info = {"config": asdict(cfg), "seconds": round(seconds, 1), "vae_seconds": round(t_vae, 1),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "vae_l1_first100": mean("vae", slice(0, 100)), "vae_l1_last100": mean("vae", slice(-100, None)),
+            "unet_loss_first100": mean("unet", slice(0, 100)), "unet_loss_last100": mean("unet", slice(-100, None))}
+    (out / "pretrain.json").write_text(json.dumps(info, indent=1))
+    _plot(log, out / "loss_curve.png")
+    print(f"[rayreward] pretrained {out} in {seconds / 60:.1f} min (UNet loss {info['unet_loss_first100']:.4f} -> "
+          f"{info['unet_loss_last100']:.4f})", flush=True)
+    return out

@@ -1,0 +1,114 @@
+"""The shapes world (deterministic scenes whose captions say what is drawn) and its pretraining."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rayreward import models, pretrain, shapes
+from rayreward.config import ModelConfig, PretrainConfig
+
+
+def test_a_scene_is_a_function_of_its_seed():
+    assert shapes.scene(7) == shapes.scene(7) and shapes.scene(7) != shapes.scene(8)
+    a, b = np.asarray(shapes.draw(shapes.scene(7))), np.asarray(shapes.draw(shapes.scene(7)))
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert len({shapes.scene(s).caption for s in range(200)}) > 150  # varied
+
+
+def test_captions_say_what_is_drawn():
+    """At every shape's centre the pixel has the colour its caption names; a corner has the
+    background's; the caption names as many shapes as are drawn, left to right, in their places."""
+    counts = {1: 0, 2: 0, 3: 0}
+    for seed in range(300):
+        s = shapes.scene(seed)
+        img = np.asarray(shapes.draw(s, 64)).astype(int)
+        words = s.caption.replace(",", " ").split()
+        counts[len(s.shapes)] += 1
+        assert sum(w in shapes.KINDS for w in words) == len(s.shapes)
+        named = [(w, words[i + 1]) for i, w in enumerate(words) if w in shapes.COLOURS]
+        assert named == [(sh.colour, sh.kind) for sh in s.shapes], s.caption
+        assert [shapes.PLACES[sh.place][0] for sh in s.shapes] == sorted(shapes.PLACES[sh.place][0] for sh in s.shapes)
+        for sh in s.shapes:
+            assert shapes.PLACES[sh.place][1] in s.caption
+            x, y = shapes.centre(s, sh)
+            px = img[int(y * 64), int(x * 64)]
+            assert np.abs(px - shapes.COLOURS[sh.colour]).max() < 40, (seed, sh, px)
+        corner = img[0, 0]
+        want = (150, 150, 150) if s.background == "striped" else shapes.BACKGROUNDS[s.background]
+        assert np.abs(corner - want).max() < 10, (seed, s.background, corner)
+        assert f"on a {s.background} background" in s.caption
+    assert all(n > 30 for n in counts.values()), counts
+
+
+def test_every_word_of_the_world_is_one_token(tmp_path):
+    tok = shapes.tokenizer(tmp_path)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in shapes.VOCABULARY)
+    longest = max(len(tok(shapes.scene(s).caption).input_ids) for s in range(2000))
+    assert longest <= tok.model_max_length, longest
+    text = shapes.scene(0).caption
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text.replace(",", " ,")  # words, then commas
+
+
+def test_held_out_prompts_come_from_seeds_pretraining_does_not_draw():
+    held = shapes.prompts(5)
+    assert held == [shapes.scene(1_000_000 + i).caption for i in range(5)]
+
+
+def test_pretraining_lowers_the_epsilon_loss_in_a_few_steps(tmp_path):
+    """30 steps of the UNet objective lower the loss on a fixed held-out batch."""
+    cfg = PretrainConfig(out=str(tmp_path / "m"), unet_steps=30, vae_steps=1, batch_size=8, lr=2e-3)
+    pipe = pretrain.build_pipeline(0, tmp_path / "tok")
+    x, captions = pretrain.batch(0, 16, seed=99)
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        z = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    t = torch.randint(0, 1000, (16,), generator=g)
+    eps = torch.randn(z.shape, generator=g)
+    abar = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+
+    def held_out_loss():
+        with torch.no_grad():
+            pred = pipe.unet(abar.sqrt() * z + (1 - abar).sqrt() * eps, t,
+                             encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        return float(torch.nn.functional.mse_loss(pred, eps))
+
+    before = held_out_loss()
+    log = []
+    pretrain.train_unet(pipe, cfg, log)
+    after = held_out_loss()
+    assert after < 0.7 * before, (before, after)
+    assert [r["phase"] for r in log] == ["unet"] * 30
+
+
+def test_a_pretrained_folder_loads_like_any_diffusers_model(tmp_path):
+    out = tmp_path / "shapes-model"
+    pretrain.run(PretrainConfig(out=str(out), unet_steps=2, vae_steps=2, batch_size=4))
+    info = json.loads((out / "pretrain.json").read_text())
+    assert info["config"]["unet_steps"] == 2 and info["seconds"] > 0
+    assert (out / "loss_curve.png").is_file()
+    c = models.load_components(ModelConfig(name=str(out), resolution=64))
+    assert c.flavour == "sd" and c.vae_scale_factor == 4 and c.unet.config.sample_size == 16
+    assert c.vae.config.scaling_factor != 0.18215  # measured from the trained VAE's latents
+    cond = models.encode_prompts(c, ["a red circle in the centre, on a black background"], "", 64, "cpu")
+    assert cond.embeds.shape == (1, 32, 64)
+
+
+def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "rayreward.cli", "pretrain", *a], capture_output=True, text=True)
+
+    r = cli("--out", str(tmp_path / "m"), "--unet-steps", "0", "--lr", "-1")
+    assert r.returncode == 2
+    assert "--unet-steps: 0 is not allowed; need an integer >= 1" in r.stderr and "--lr: -1.0 is not allowed" in r.stderr
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("mine")
+    r = cli("--out", str(used))
+    assert r.returncode == 2 and "--out: " in r.stderr and "is not empty" in r.stderr
+    assert (used / "keep.txt").read_text() == "mine"
