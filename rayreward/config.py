@@ -317,6 +317,11 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or os.path.exists(name) or not _HUB_ID.match(name)
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' that is not a built-in model or a local path."""
+    return name not in TINY_MODELS and not _looks_like_path(name)
+
+
 def validate(cfg: Config, training: bool = True) -> list[str]:
     """Every problem with `cfg` as 'field: value ...; allowed ...' lines (empty if none).
     `training` False (sample, eval): the method's rules are not checked; nothing trains."""

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rayreward import config as config_mod
-from rayreward import methods, models, render, runfolder, runtime, sampling
+from rayreward import card, methods, models, render, runfolder, runtime, sampling
 from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
 
 
@@ -415,8 +415,9 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
         else:
             report(row, None)
     if main:
-        models.save_lora(w.c.unet, out / "lora", w.c.flavour)
         render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
+        models.save_lora(w.c.unet, out / "lora", w.c.flavour)
+        card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
         render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
     return row
 
