@@ -171,20 +171,18 @@ def drtune_parts(w: train.Worker, device, repeats: int) -> dict[str, float]:
     """The parts of one DRTune step, each timed alone: a no-grad UNet call, a grad-carrying call
     (checkpointed when the run checkpoints) with its backward, the VAE decode forward and
     backward, the reward and loss."""
-    from torch.utils.checkpoint import checkpoint
-
     prompts, x_T, _, _ = w.draw_batch(0)
     cond = models.encode_prompts(w.c, prompts, w.cfg.sampling.negative_prompt, w.cfg.model.resolution, device)
     denoise = models.make_denoiser(w.unet, cond, w.cfg.sampling.guidance_scale, w.amp)
     t = w.schedule.timesteps[0]
 
+    ckpt = w.cfg.train.gradient_checkpointing
+
     def nograd():
-        with torch.no_grad():
-            denoise(x_T, t)
+        sampling.call_denoiser(denoise, x_T, t, False, ckpt)
 
     def grad():
-        out = checkpoint(denoise, x_T, t, use_reentrant=False) if w.cfg.train.gradient_checkpointing else denoise(x_T, t)
-        out.float().square().mean().backward()
+        sampling.call_denoiser(denoise, x_T, t, True, ckpt).float().square().mean().backward()
 
     z = x_T.clone().requires_grad_(True)
 

@@ -134,6 +134,17 @@ def x0_hat(x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor | float) -> to
     return (x - (1 - abar) ** 0.5 * eps) / abar ** 0.5
 
 
+def call_denoiser(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, grad: bool, checkpointing: bool) -> torch.Tensor:
+    """One denoiser call as the chain makes it: under no_grad, or with a parameter gradient
+    (recomputed in backward when `checkpointing`)."""
+    if not grad:
+        with torch.no_grad():
+            return denoise(x, t)
+    if checkpointing:
+        return _checkpoint(denoise, x, t, use_reentrant=False)
+    return denoise(x, t)
+
+
 def sample(
     denoise: Denoiser,
     schedule: Schedule,
@@ -153,12 +164,7 @@ def sample(
     trace: list[StepRecord] = []
 
     def call(x_in: torch.Tensor, t: torch.Tensor, grad: bool) -> torch.Tensor:
-        if not grad:
-            with torch.no_grad():
-                return denoise(x_in, t)
-        if gradient_checkpointing:
-            return _checkpoint(denoise, x_in, t, use_reentrant=False)
-        return denoise(x_in, t)
+        return call_denoiser(denoise, x_in, t, grad, gradient_checkpointing)
 
     x = x_T
     last = plan.stop or plan.num_steps

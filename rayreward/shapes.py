@@ -21,7 +21,6 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 KINDS = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40),
@@ -135,13 +134,6 @@ def draw(s: Scene, side: int = 64):
         else:
             d.polygon(poly, fill=fill)
     return img.resize((side, side), Image.LANCZOS)
-
-
-def samples(start: int, count: int, side: int = 64) -> Iterator[tuple[Scene, object]]:
-    """(scene, image) for seeds start .. start + count - 1."""
-    for seed in range(start, start + count):
-        s = scene(seed)
-        yield s, draw(s, side)
 
 
 def prompts(count: int, start: int = 1_000_000) -> list[str]:

@@ -327,20 +327,12 @@ class Worker:
         cond = models.encode_prompts(self.c, prompts, self.cfg.sampling.negative_prompt, self.cfg.model.resolution,
                                      self.device)
         denoise = models.make_denoiser(self.unet, cond, self.cfg.sampling.guidance_scale, self.amp)
-        t = self.schedule.timesteps[0]
-        with torch.no_grad():
-            denoise(x_T, t)
+        t, ckpt = self.schedule.timesteps[0], self.cfg.train.gradient_checkpointing
+        sampling.call_denoiser(denoise, x_T, t, False, ckpt)
         # grad-carrying calls see sg(x_t) (DRTune), or also an x_t that carries gradient from an
         # earlier trained step (a graph of its own)
-        inputs = [x_T] + ([] if plan.detach_input else [x_T.clone().requires_grad_(True)])
-        for x in inputs:
-            if self.cfg.train.gradient_checkpointing:
-                from torch.utils.checkpoint import checkpoint
-
-                out = checkpoint(denoise, x, t, use_reentrant=False)
-            else:
-                out = denoise(x, t)
-            (out.sum() * 0).backward()
+        for x in [x_T] + ([] if plan.detach_input else [x_T.clone().requires_grad_(True)]):
+            (sampling.call_denoiser(denoise, x, t, True, ckpt).sum() * 0).backward()
         for p in self.params:
             p.grad = None
         if self.device.type == "cuda":
@@ -380,7 +372,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
     skipped, row, recent = resume.skipped, {}, []
     fault_at = runtime.fault_step() if rank == 0 else None  # tests only
-    s_compile = w.warm_up()  # 0 without train.compile
+    s_compile = w.warm_up() if resume.step < cfg.train.steps else 0.0  # 0 without train.compile
     if main and s_compile:
         print(f"[rayreward] torch.compile ({cfg.train.compile}): {s_compile:.1f} s, once per worker; not in s/step",
               flush=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayreward import config, train
+from rayreward import config
 
 from helpers import make_worker
 

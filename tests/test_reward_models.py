@@ -3,11 +3,8 @@
 The tiny CLIPModel is the real class, random-initialised and saved as a folder (`model: tiny`).
 """
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from rayreward.rewards import RewardLoadError

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from rayreward import config, runfolder, runtime, train
 
@@ -74,12 +73,14 @@ def test_a_new_name_in_a_used_folder_is_refused_and_nothing_is_touched(run_dir):
 
 
 def test_resuming_with_another_config_names_the_fields_and_the_way_out(run_dir):
-    cfg = quick_cfg(run_dir, "method.name=draft_k", "optim.lr=0.02", "train.steps=6", "grid.seeds=[0, 1]")
+    cfg = quick_cfg(run_dir, "method.name=draft_k", "optim.lr=0.02", "train.steps=6", "grid.seeds=[0, 1]",
+                    "train.compile=default", "train.vae_checkpointing=false", "train.gpus_per_worker=0.5")
     with pytest.raises(config.ConfigError) as e:
         runfolder.prepare(cfg, run_dir)
     msg = str(e.value)
     assert "method.name: 'drtune' in the checkpoint, 'draft_k' now" in msg and "optim.lr: 0.01" in msg
-    assert "train.steps" not in msg and "grid.seeds" not in msg  # free to change on resume
+    for free in ("train.steps", "grid.seeds", "train.compile", "train.vae_checkpointing", "train.gpus_per_worker"):
+        assert free not in msg  # free to change on resume: they do not change what a step computes
     assert "train.resume=force" in msg and "new folder" in msg
 
 

@@ -156,8 +156,6 @@ def test_draft_lv_hinge_loss_is_the_mean_of_the_copies_losses():
 def test_a_step_that_trains_nothing_leaves_the_lora_untouched(tmp_path):
     """DRTune with K = 1: when the one trained step falls after the early stop, no UNet call
     carries gradient; the optimizer must not step (AdamW would move the LoRA on momentum)."""
-    from rayreward import sampling
-
     cfg = quick_cfg(tmp_path, "method.k=1", "method.early_stop_m=4", "train.steps=8")
     empty = [s for s in range(8) if not methods.make_plan(
         cfg.method, 4, 2, torch.Generator().manual_seed(train._seed(cfg.train.seed, s, "plan"))).grad_steps]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from rayreward.rewards import RewardLoadError
 from rayreward.rewards.common import dtype_of, load_pretrained, read_state_dict, resize_crop_normalize
