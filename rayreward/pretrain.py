@@ -11,7 +11,7 @@ CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two ph
 
 Every batch is drawn fresh from the world (seed = step * batch + i), so there is no dataset on
 disk and no epoch. The result is a normal diffusers folder, with `pretrain.json` (the command's
-settings, seed, time and losses), `loss_curve.png` and `samples.png`.
+settings, seed, time and losses) and `loss_curve.png`.
 """
 
 from __future__ import annotations
@@ -186,16 +186,19 @@ def run(cfg: PretrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         pipe.to("cpu").save_pretrained(out)
     seconds = time.time() - t0
-    def mean(phase: str, part: slice) -> float:
-        ys = [r["loss"] for r in log if r["phase"] == phase][part]
-        return sum(ys) / len(ys)
 
+    def ends(phase: str) -> tuple[float, float]:
+        """Mean loss of the first and of the last fifth of a phase (at most 100 steps each)."""
+        ys = [r["loss"] for r in log if r["phase"] == phase]
+        k = max(1, min(100, len(ys) // 5))
+        return sum(ys[:k]) / k, sum(ys[-k:]) / k
+
+    (vae_start, vae_end), (unet_start, unet_end) = ends("vae"), ends("unet")
     info = {"config": asdict(cfg), "seconds": round(seconds, 1), "vae_seconds": round(t_vae, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "vae_l1_first100": mean("vae", slice(0, 100)), "vae_l1_last100": mean("vae", slice(-100, None)),
-            "unet_loss_first100": mean("unet", slice(0, 100)), "unet_loss_last100": mean("unet", slice(-100, None))}
+            "vae_l1_start": vae_start, "vae_l1_end": vae_end, "unet_loss_start": unet_start, "unet_loss_end": unet_end}
     (out / "pretrain.json").write_text(json.dumps(info, indent=1))
     _plot(log, out / "loss_curve.png")
-    print(f"[rayreward] pretrained {out} in {seconds / 60:.1f} min (UNet loss {info['unet_loss_first100']:.4f} -> "
-          f"{info['unet_loss_last100']:.4f})", flush=True)
+    print(f"[rayreward] pretrained {out} in {seconds / 60:.1f} min (UNet loss {unet_start:.4f} -> {unet_end:.4f}, "
+          "first and last fifth of its steps)", flush=True)
     return out
