@@ -206,7 +206,7 @@ def drtune_parts(w: train.Worker, device, repeats: int) -> dict[str, float]:
 
 def method_rows(c, args, shape: str, T: int, device, compile_mode: str) -> list[dict]:
     rows = []
-    for method in args.methods:
+    for method in args.methods if compile_mode == "off" else [m for m in args.methods if m in args.compile_methods]:
         cfg = run_config(args, shape, method, T, compile_mode)
         w = train.Worker(cfg, device, serving.LocalReward(cfg.rewards, cfg.loss, str(device)), components=c)
         row = {"shape": shape, "T": T, "method": method, "compile": compile_mode, "s_compile": w.warm_up()}
@@ -248,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--precision", default="auto", choices=config.PRECISIONS)
     ap.add_argument("--compile", default="off", choices=config.COMPILE_MODES,
                     help="also measure with this train.compile mode")
+    ap.add_argument("--compile-methods", nargs="*", default=["drtune"], choices=ALL_METHODS,
+                    help="the methods also timed compiled (each compiles anew); none: only the chain")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write the tables here (markdown)")
@@ -255,9 +257,6 @@ def main(argv=None):
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     modes = ["off"] + ([args.compile] if args.compile != "off" else [])
-
-    import pandas as pd
-
     chains, steps = [], []
     for shape in args.shapes:
         t0 = time.perf_counter()
@@ -281,29 +280,40 @@ def main(argv=None):
                 row[f"chain_lora_{mode}"] = chain_seconds(c, compiled, args, shape, T, device, amp)
             c.unet.delete_adapters(["default"])
             chains.append(row)
+            tables(args, argv, name, modes, chains, steps)
             for mode in modes:
                 steps += method_rows(c, args, shape, T, device, mode)
+            tables(args, argv, name, modes, chains, steps)  # after each T: a run cut short keeps its figures
         del c, pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def tables(args, argv, name: str, modes: list[str], chains: list[dict], steps: list[dict]) -> str:
+    """The markdown tables of the rows so far, printed and written to --out."""
+    import pandas as pd
 
     chain_df, step_df = pd.DataFrame(chains), pd.DataFrame(steps)
     chain_df["chain/stock"] = chain_df["chain_lora"] / chain_df["stock_lora"]
     for mode in modes[1:]:
         chain_df[f"compiled/stock ({mode})"] = chain_df[f"chain_lora_{mode}"] / chain_df["stock_lora"]
+    device = torch.device(args.device)
     head = (f"device: {name}; torch {torch.__version__}; batch {args.batch}; CFG 7.5; DDIM; compute dtype "
             f"{runtime.compute_dtype(args.precision, device) or torch.float32}; LoRA rank 4 on to_q/to_k/to_v/to_out.0; "
             f"K = {args.k}; gradient checkpointing on; median of {args.repeats}")
     cols = [c for c in ["shape", "method", "T", "compile", "s_step", "s_sample", "s_reward", "s_backward",
                         "trained_steps", "peak_GiB", "step_over_parts", "s_compile"] if c in step_df]
-    text = "\n\n".join([head, "No-grad chain against the stock pipeline, seconds (decode included):",
-                        reports.markdown(chain_df, ".3f", index=False), "Training steps:",
-                        reports.markdown(step_df[cols], ".3f", index=False)])
+    parts = [head, "No-grad chain against the stock pipeline, seconds (decode included):",
+             reports.markdown(chain_df, ".3f", index=False)]
+    if cols:
+        parts += ["Training steps:", reports.markdown(step_df[cols], ".3f", index=False)]
+    text = "\n\n".join(parts)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(f"# benchmarks/gpu.py\n\n`python benchmarks/gpu.py {' '.join(argv or sys.argv[1:])}`"
                                   f"\n\n{text}\n")
+    return text
 
 
 if __name__ == "__main__":

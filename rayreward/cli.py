@@ -294,6 +294,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(out=args.out, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
                                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                                  workers=args.workers,
                                   device=str(resolve_device(args.device, "--device")))
     cfg.check()
     out = Path(args.out)
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=float, default=defaults.lr)
     q.add_argument("--seed", type=int, default=defaults.seed)
     q.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    q.add_argument("--workers", type=int, default=0, help="processes drawing the batches ahead (default: none)")
     q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.set_defaults(fn=cmd_pretrain)
     return p

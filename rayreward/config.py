@@ -427,12 +427,15 @@ class PretrainConfig:
     vae_lr: float = 1e-3
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
-    device: str = "cpu"  # or "cuda"; the saved weights are fp32 either way
+    workers: int = 0  # processes drawing batches ahead (0: drawn in the training process)
+    device: str = "cpu"  # or "cuda"; trained in fp32 either way, saved in fp16
 
     def check(self) -> None:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731  (the CLI's names)
         bad = [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 1"
                for k in ("unet_steps", "vae_steps", "batch_size") if getattr(self, k) < 1]
+        bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 0"
+                for k in ("threads", "workers") if getattr(self, k) < 0]
         bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need > 0" for k in ("lr", "vae_lr")
                 if not getattr(self, k) > 0]
         if bad:

@@ -10,8 +10,11 @@ CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two ph
    classifier-free guidance works.
 
 Every batch is drawn fresh from the world (seed = step * batch + i), so there is no dataset on
-disk and no epoch. The result is a normal diffusers folder, with `pretrain.json` (the command's
-settings, seed, time and losses) and `loss_curve.png`.
+disk and no epoch; `--workers N` draws batches in N processes ahead of the trainer (on a GPU the
+drawing, not the model, is the bottleneck otherwise), with the same batches in the same order. The
+result is a normal diffusers folder (weights stored in fp16, loaded as fp32), with `pretrain.json`
+(the command's settings, seed, time and losses), `loss_curve.png` and `samples.png` (held-out
+captions, four seeds each).
 """
 
 from __future__ import annotations
@@ -69,23 +72,58 @@ def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1, [s.caption for s in scenes]
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Batch `i` of a phase (with its captions' token ids when given a tokenizer), so that a
+    DataLoader's worker processes can draw and tokenize them ahead."""
+
+    def __init__(self, steps: int, size: int, seed: int, tok=None):
+        self.steps, self.size, self.seed, self.tok = steps, size, seed, tok
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        x, captions = batch(step, self.size, self.seed)
+        return x, captions, None if self.tok is None else token_ids(self.tok, captions)
+
+
+def token_ids(tok, captions: list[str]) -> torch.Tensor:
+    return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def batches(steps: int, size: int, seed: int, workers: int, tok=None):
+    """The phase's (images, captions, token ids or None) in step order: drawn here, or by
+    `workers` processes (the same batches)."""
+    data = _Batches(steps, size, seed, tok)
+    if workers < 1:
+        return (data[step] for step in range(steps))
+    return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            collate_fn=lambda b: b))
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
 
 
+def _autocast(device: str):
+    """bf16 autocast on a GPU (fp32 weights and optimizer); plain fp32 on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
 def train_vae(vae, cfg: PretrainConfig, log: list[dict]) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     with _progress(cfg.vae_steps, "vae") as bar:
-        for step in range(cfg.vae_steps):
-            x, _ = batch(step, cfg.batch_size, cfg.seed + 1)
+        for step, (x, _, _) in enumerate(batches(cfg.vae_steps, cfg.batch_size, cfg.seed + 1, cfg.workers)):
             x = x.to(cfg.device)
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample
+            with _autocast(cfg.device):
+                post = vae.encode(x).latent_dist
+                rec = vae.decode(post.sample()).sample
             kl = post.kl().mean() / x[0].numel()
-            l1 = (rec - x).abs().mean()
+            l1 = (rec.float() - x).abs().mean()
             loss = l1 + 1e-4 * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -117,23 +155,22 @@ def train_unet(pipe, cfg: PretrainConfig, log: list[dict]) -> None:
         opt, lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.unet_steps))))
     g = torch.Generator().manual_seed(cfg.seed + 3)
     scale = vae.config.scaling_factor
+    empty = token_ids(tok, [""])
     with _progress(cfg.unet_steps, "unet") as bar:
-        for step in range(cfg.unet_steps):
-            x, captions = batch(step, cfg.batch_size, cfg.seed)
-            drop = torch.rand(len(captions), generator=g) < 0.1
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        for step, (x, _, ids) in enumerate(batches(cfg.unet_steps, cfg.batch_size, cfg.seed, cfg.workers, tok)):
+            drop = torch.rand(len(ids), generator=g) < 0.1
+            ids = torch.where(drop[:, None], empty, ids).to(cfg.device)
             with torch.no_grad():
                 post = vae.encode(x.to(cfg.device)).latent_dist
                 z = (post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(cfg.device)) * scale
-            ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(cfg.device)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (x.shape[0],), generator=g)
             eps = torch.randn(z.shape, generator=g).to(cfg.device)
             a = abar[t].view(-1, 1, 1, 1).to(cfg.device)
             t = t.to(cfg.device)
             z_t = a.sqrt() * z + (1 - a).sqrt() * eps
-            pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample
-            loss = F.mse_loss(pred, eps)
+            with _autocast(cfg.device):
+                pred = unet(z_t, t, encoder_hidden_states=te(ids)[0]).sample
+            loss = F.mse_loss(pred.float(), eps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -168,6 +205,20 @@ def _plot(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
+def samples(pipe, path: Path, device: str, count: int = 8, seeds: tuple[int, ...] = (0, 1, 2, 3)) -> Path:
+    """A grid of the pipeline's pictures for `count` held-out captions (rows) and `seeds`
+    (columns): DDIM 25 steps, guidance 4."""
+    from rayreward import render
+
+    caps = shapes.prompts(count)
+    pipe.set_progress_bar_config(disable=True)
+    images = torch.cat([pipe(prompt=[c] * len(seeds), num_inference_steps=25, guidance_scale=4.0, output_type="pt",
+                             generator=[torch.Generator(device).manual_seed(s) for s in seeds]).images.cpu()
+                        for c in caps])
+    return render.save_grid(images, caps, seeds, path)
+
+
 def run(cfg: PretrainConfig) -> Path:
     """Pretrain and save; returns the folder."""
     cfg.check()
@@ -176,6 +227,8 @@ def run(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     log: list[dict] = []
     torch.manual_seed(cfg.seed)  # the VAE's posterior samples
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(cfg.seed, Path(tmp) / "tokenizer").to(cfg.device)
@@ -183,9 +236,10 @@ def run(cfg: PretrainConfig) -> Path:
         pipe.vae.register_to_config(scaling_factor=latent_scale(pipe.vae, cfg))
         t_vae = time.time() - t0
         train_unet(pipe, cfg, log)
+        seconds = time.time() - t0
         out.mkdir(parents=True, exist_ok=True)
-        pipe.to("cpu").save_pretrained(out)
-    seconds = time.time() - t0
+        samples(pipe, out / "samples.png", cfg.device)
+        pipe.to("cpu", torch.float16).save_pretrained(out)
 
     def ends(phase: str) -> tuple[float, float]:
         """Mean loss of the first and of the last fifth of a phase (at most 100 steps each)."""

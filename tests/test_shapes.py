@@ -85,14 +85,28 @@ def test_pretraining_lowers_the_epsilon_loss_in_a_few_steps(tmp_path):
     assert [r["phase"] for r in log] == ["unet"] * 30
 
 
+def test_worker_processes_draw_the_same_batches_in_the_same_order(tmp_path):
+    tok = shapes.tokenizer(tmp_path / "tok")
+    here = list(pretrain.batches(3, 4, seed=5, workers=0, tok=tok))
+    there = list(pretrain.batches(3, 4, seed=5, workers=2, tok=tok))
+    assert [c for _, c, _ in here] == [c for _, c, _ in there]
+    assert all(torch.equal(a, b) and torch.equal(i, j) for (a, _, i), (b, _, j) in zip(here, there))
+    assert here[0][2].shape == (4, tok.model_max_length)
+
+
 def test_a_pretrained_folder_loads_like_any_diffusers_model(tmp_path):
     out = tmp_path / "shapes-model"
-    pretrain.run(PretrainConfig(out=str(out), unet_steps=2, vae_steps=2, batch_size=4))
+    pretrain.run(PretrainConfig(out=str(out), unet_steps=2, vae_steps=2, batch_size=4, workers=1))
     info = json.loads((out / "pretrain.json").read_text())
     assert info["config"]["unet_steps"] == 2 and info["seconds"] > 0
-    assert (out / "loss_curve.png").is_file()
+    assert (out / "loss_curve.png").is_file() and (out / "samples.png").is_file()
     c = models.load_components(ModelConfig(name=str(out), resolution=64))
     assert c.flavour == "sd" and c.vae_scale_factor == 4 and c.unet.config.sample_size == 16
+    # stored in fp16 (half the bytes to ship), trained and loaded in fp32
+    from safetensors import safe_open
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    assert all(p.dtype == torch.float32 for m in (c.unet, c.vae, *c.text_encoders) for p in m.parameters())
     assert c.vae.config.scaling_factor != 0.18215  # measured from the trained VAE's latents
     cond = models.encode_prompts(c, ["a red circle in the centre, on a black background"], "", 64, "cpu")
     assert cond.embeds.shape == (1, 32, 64)
