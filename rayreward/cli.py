@@ -292,15 +292,23 @@ def cmd_pretrain(args) -> int:
     from rayreward.config import ConfigError, PretrainConfig
     from rayreward.runtime import resolve_device
 
-    cfg = PretrainConfig(out=args.out, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
-                                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
-                                  workers=args.workers,
-                                  device=str(resolve_device(args.device, "--device")))
+    cfg = PretrainConfig(out=args.out, part=args.part, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
+                         judge_steps=args.judge_steps, vae_from=args.vae_from, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         threads=args.threads, workers=args.workers, device=str(resolve_device(args.device, "--device")))
     cfg.check()
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError([f"--out: {args.out!r} is not empty; pretrain writes a new folder (remove it or choose "
                            "another)"])
+    if cfg.part == "judge":
+        from rayreward import judge
+
+        if cfg.threads:
+            import torch
+
+            torch.set_num_threads(cfg.threads)
+        judge.run(out, cfg.judge_steps, cfg.batch_size, cfg.seed, cfg.workers, cfg.device)
+        return 0
     pretrain.run(cfg)
     return 0
 
@@ -403,10 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     q = add("pretrain", help="pretrain a small text-to-image model on the synthetic shapes world")
-    q.add_argument("--out", required=True, help="the diffusers folder to write (must not exist or be empty)")
+    q.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    q.add_argument("--part", default="model", choices=["model", "judge"],
+                   help="model: the text-to-image pipeline (a diffusers folder); judge: the alignment classifier")
     from rayreward.config import PretrainConfig as defaults
     q.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
     q.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    q.add_argument("--judge-steps", type=int, default=defaults.judge_steps)
+    q.add_argument("--vae-from", default="", help="reuse this pretrained folder's VAE and skip the VAE phase")
     q.add_argument("--batch-size", type=int, default=defaults.batch_size)
     q.add_argument("--lr", type=float, default=defaults.lr)
     q.add_argument("--seed", type=int, default=defaults.seed)

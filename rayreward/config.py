@@ -419,9 +419,12 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
 class PretrainConfig:
     """`rayreward pretrain`'s settings (rayreward/pretrain.py): the shapes model from scratch."""
 
-    out: str  # the diffusers folder to write
+    out: str  # the folder to write
+    part: str = "model"  # "model": the diffusers pipeline; "judge": the alignment classifier (rayreward/judge.py)
     unet_steps: int = 6000  # UNet + text encoder optimizer steps
     vae_steps: int = 800  # VAE optimizer steps
+    judge_steps: int = 2500  # the judge's optimizer steps
+    vae_from: str = ""  # reuse this pretrained folder's VAE (or a VAE folder) and skip the VAE phase
     batch_size: int = 32
     lr: float = 5e-4  # UNet and text encoder (AdamW, cosine decay to 10 %)
     vae_lr: float = 1e-3
@@ -433,7 +436,12 @@ class PretrainConfig:
     def check(self) -> None:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731  (the CLI's names)
         bad = [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 1"
-               for k in ("unet_steps", "vae_steps", "batch_size") if getattr(self, k) < 1]
+               for k in ("unet_steps", "vae_steps", "judge_steps", "batch_size") if getattr(self, k) < 1]
+        if self.vae_from and not (Path(self.vae_from) / "config.json").is_file() \
+                and not (Path(self.vae_from) / "vae" / "config.json").is_file():
+            bad.append(f"--vae-from: {self.vae_from!r} holds no VAE (config.json, or vae/config.json)")
+        if self.part not in ("model", "judge"):
+            bad.append(f"--part: {self.part!r} is not allowed; allowed: model, judge")
         bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 0"
                 for k in ("threads", "workers") if getattr(self, k) < 0]
         bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need > 0" for k in ("lr", "vae_lr")

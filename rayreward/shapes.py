@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side
 # where a shape stands: its horizontal centre as a fraction of the side, and the caption's words
 PLACES = {"left": (0.25, "on the left"), "middle": (0.5, "in the middle"), "right": (0.75, "on the right"),
           "centre": (0.5, "in the centre")}
+HELD_OUT = 10**15  # held-out prompts come from scene seeds from here on; training draws seeds below it
 VOCABULARY = sorted({"a", "and", "on", "the", "in", "background", *KINDS, *COLOURS, *BACKGROUNDS, *SIZES, "left",
                      "right", "middle", "centre", ","})
 
@@ -85,6 +87,33 @@ def caption(s: Scene) -> str:
     return f"{body}, on a {s.background} background"
 
 
+_PART = re.compile(r"a (?:(small|large) )?(\w+) (\w+) (on the left|in the middle|on the right|in the centre)")
+_PLACE_OF = {words: place for place, (_, words) in PLACES.items()}
+
+
+def parse(text: str) -> Scene:
+    """The scene a caption describes (offsets 0; a shape that is not alone is "small"), so that
+    `caption(parse(c)) == c` for every caption of the world. Raises ValueError on any other text,
+    naming it."""
+    head, sep, tail = text.rpartition(", on a ")
+    background = tail.removesuffix(" background")
+    parts = head.replace(" and ", ", ").split(", ") if head else []
+    found = [_PART.fullmatch(part) for part in parts]
+    if (not sep or not tail.endswith(" background") or background not in BACKGROUNDS or not 1 <= len(parts) <= 3
+            or not all(found)):
+        raise ValueError(f"not a caption of the shapes world: {text!r}")
+    out = []
+    for m in found:
+        size, colour, kind, place = m.groups()
+        if colour not in COLOURS or kind not in KINDS or (size is not None) != (len(parts) == 1):
+            raise ValueError(f"not a caption of the shapes world: {text!r}")
+        out.append(Shape(kind, colour, size or "small", _PLACE_OF[place]))
+    scene_ = Scene(tuple(out), background)
+    if caption(scene_) != text:
+        raise ValueError(f"not a caption of the shapes world: {text!r}")
+    return scene_
+
+
 def centre(s: Scene, sh: Shape) -> tuple[float, float]:
     """A shape's centre as fractions of the side (x right, y down)."""
     return PLACES[sh.place][0] + sh.dx, 0.5 + sh.dy
@@ -136,7 +165,7 @@ def draw(s: Scene, side: int = 64):
     return img.resize((side, side), Image.LANCZOS)
 
 
-def prompts(count: int, start: int = 1_000_000) -> list[str]:
+def prompts(count: int, start: int = HELD_OUT) -> list[str]:
     """Captions of scenes from a seed range that pretraining never draws (held-out prompts)."""
     return [scene(seed).caption for seed in range(start, start + count)]
 

@@ -54,7 +54,9 @@ def test_every_word_of_the_world_is_one_token(tmp_path):
 
 def test_held_out_prompts_come_from_seeds_pretraining_does_not_draw():
     held = shapes.prompts(5)
-    assert held == [shapes.scene(1_000_000 + i).caption for i in range(5)]
+    assert held == [shapes.scene(shapes.HELD_OUT + i).caption for i in range(5)]
+    # pretraining and the judge's training draw scene seeds far below the held-out ones
+    assert pretrain.batch_seeds(10**6, 256, seed=10**6).stop < shapes.HELD_OUT
 
 
 def test_pretraining_lowers_the_epsilon_loss_in_a_few_steps(tmp_path):
@@ -99,7 +101,7 @@ def test_a_pretrained_folder_loads_like_any_diffusers_model(tmp_path):
     pretrain.run(PretrainConfig(out=str(out), unet_steps=2, vae_steps=2, batch_size=4, workers=1))
     info = json.loads((out / "pretrain.json").read_text())
     assert info["config"]["unet_steps"] == 2 and info["seconds"] > 0
-    assert (out / "loss_curve.png").is_file() and (out / "samples.png").is_file()
+    assert all((out / f).is_file() for f in ("loss_curve.png", "samples.png", "vae_reconstruction.png"))
     c = models.load_components(ModelConfig(name=str(out), resolution=64))
     assert c.flavour == "sd" and c.vae_scale_factor == 4 and c.unet.config.sample_size == 16
     # stored in fp16 (half the bytes to ship), trained and loaded in fp32
@@ -110,6 +112,12 @@ def test_a_pretrained_folder_loads_like_any_diffusers_model(tmp_path):
     assert c.vae.config.scaling_factor != 0.18215  # measured from the trained VAE's latents
     cond = models.encode_prompts(c, ["a red circle in the centre, on a black background"], "", 64, "cpu")
     assert cond.embeds.shape == (1, 32, 64)
+    # a second run reuses the first one's VAE and trains only the UNet
+    again = tmp_path / "again"
+    pretrain.run(PretrainConfig(out=str(again), unet_steps=1, vae_steps=99, batch_size=2, vae_from=str(out)))
+    assert json.loads((again / "pretrain.json").read_text())["vae_l1_end"] is None
+    a, b = (models.load_components(ModelConfig(name=str(f), resolution=64)).vae.state_dict() for f in (out, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):

@@ -14,7 +14,7 @@ config as 'package.module:factory'.
 
 The package's modules: `lowlevel` (symmetry, brightness, contrast, sharpness), `clip` (PickScore,
 CLIPScore, aesthetic on transformers' CLIP), `packages` (HPSv2/v2.1, ImageReward from their
-reference packages), `common` (loading and differentiable preprocessing they share), `composite`
+reference packages), `world` (the shapes world's prompt alignment, read by its judge), `common` (loading and differentiable preprocessing they share), `composite`
 (the weighted sum, the losses, and the one function that turns images into a loss).
 """
 
@@ -39,6 +39,7 @@ REGISTRY: dict[str, str] = {
     "hpsv2": "rayreward.rewards.packages:hpsv2",
     "hpsv21": "rayreward.rewards.packages:hpsv21",
     "imagereward": "rayreward.rewards.packages:imagereward",
+    "shapes_alignment": "rayreward.rewards.world:shapes_alignment",
 }
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
