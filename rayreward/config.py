@@ -415,6 +415,15 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     return p
 
 
+def vae_folder(path: str | Path) -> Path | None:
+    """The VAE folder of a pretrained pipeline folder (its vae/), or the folder itself when it is
+    one; None when neither holds a config.json."""
+    for folder in (Path(path) / "vae", Path(path)):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 @dataclass
 class PretrainConfig:
     """`rayreward pretrain`'s settings (rayreward/pretrain.py): the shapes model from scratch."""
@@ -431,14 +440,13 @@ class PretrainConfig:
     seed: int = 0
     threads: int = 0  # torch threads (0: torch's default)
     workers: int = 0  # processes drawing batches ahead (0: drawn in the training process)
-    device: str = "cpu"  # or "cuda"; trained in fp32 either way, saved in fp16
+    device: str = "cpu"  # or "cuda"; fp32 weights (bf16 autocast on CUDA), saved in fp16
 
     def check(self) -> None:
         flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731  (the CLI's names)
         bad = [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 1"
                for k in ("unet_steps", "vae_steps", "judge_steps", "batch_size") if getattr(self, k) < 1]
-        if self.vae_from and not (Path(self.vae_from) / "config.json").is_file() \
-                and not (Path(self.vae_from) / "vae" / "config.json").is_file():
+        if self.vae_from and vae_folder(self.vae_from) is None:
             bad.append(f"--vae-from: {self.vae_from!r} holds no VAE (config.json, or vae/config.json)")
         if self.part not in ("model", "judge"):
             bad.append(f"--part: {self.part!r} is not allowed; allowed: model, judge")

@@ -146,9 +146,9 @@ def train(steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int =
     g = torch.Generator().manual_seed(seed)
     data = pretrain.batches(steps, batch_size, 7_000_003 + seed, workers)
     t0, losses = time.time(), []
-    with pretrain._progress(steps, "judge") as bar:
+    with pretrain.progress(steps, "judge") as bar:
         for step, (x, captions, _) in enumerate(data):
-            y = torch.tensor([labels(shapes.parse(c)) for c in captions], device=device)
+            y = targets(captions, device)
             logits = judge(augment((x + 1) / 2, g).to(device))
             loss = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits)) / N_LABELS
             opt.zero_grad(set_to_none=True)

@@ -3,8 +3,9 @@
 An SD-1.x pipeline of the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel,
 CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two phases:
 
-1. the VAE (64 px <-> 4 x 16 x 16 latents) as an autoencoder on shapes images: L1 + a small KL,
-   briefly; the shapes world is flat colours, which a small VAE reconstructs well;
+1. the VAE (64 px <-> 4 x 16 x 16 latents) as an autoencoder on shapes images, on the posterior
+   mean: an L1 weighted toward the shapes (`shape_weight`) plus a tiny KL; it is saved as soon as
+   this phase ends, and `--vae-from` starts another run from it;
 2. the UNet and the text encoder together, with the VAE frozen: the standard epsilon objective
    (DDPM noise, scaled-linear betas as in SD), the caption dropped 10 % of the time so that
    classifier-free guidance works.
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from rayreward import shapes
-from rayreward.config import PretrainConfig
+from rayreward.config import PretrainConfig, vae_folder
 
 SIDE = 64  # image side, px
 
@@ -63,18 +64,23 @@ def build_pipeline(seed: int, tokenizer_dir: Path):
 
 
 def batch_seeds(step: int, size: int, seed: int) -> range:
-    """The scene seeds of a batch: never negative for seed >= 0 (held-out prompts use negative ones)."""
+    """The scene seeds of a batch: far below `shapes.HELD_OUT` for any seed in use."""
     base = seed * 1_000_003 + step * size
     return range(base, base + size)
 
 
 def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] (size, 3, 64, 64) and their captions, from scene seeds of this step."""
+    scenes = [shapes.scene(i) for i in batch_seeds(step, size, seed)]
+    return images(scenes), [s.caption for s in scenes]
+
+
+def images(scenes) -> torch.Tensor:
+    """The scenes drawn, in [-1, 1], (len(scenes), 3, 64, 64)."""
     import numpy as np
 
-    scenes = [shapes.scene(i) for i in batch_seeds(step, size, seed)]
     arr = np.stack([np.asarray(shapes.draw(s, SIDE), dtype=np.float32) for s in scenes])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1, [s.caption for s in scenes]
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -107,7 +113,7 @@ def batches(steps: int, size: int, seed: int, workers: int, tok=None):
                                             collate_fn=lambda b: b))
 
 
-def _progress(total: int, desc: str):
+def progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
@@ -129,7 +135,7 @@ def shape_weight(x: torch.Tensor, boost: float = 10.0) -> torch.Tensor:
 def train_vae(vae, cfg: PretrainConfig, log: list[dict]) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
-    with _progress(cfg.vae_steps, "vae") as bar:
+    with progress(cfg.vae_steps, "vae") as bar:
         for step, (x, _, _) in enumerate(batches(cfg.vae_steps, cfg.batch_size, cfg.seed + 1, cfg.workers)):
             x = x.to(cfg.device)
             with _autocast(cfg.device):
@@ -171,7 +177,7 @@ def train_unet(pipe, cfg: PretrainConfig, log: list[dict]) -> None:
     g = torch.Generator().manual_seed(cfg.seed + 3)
     scale = vae.config.scaling_factor
     empty = token_ids(tok, [""])
-    with _progress(cfg.unet_steps, "unet") as bar:
+    with progress(cfg.unet_steps, "unet") as bar:
         for step, (x, _, ids) in enumerate(batches(cfg.unet_steps, cfg.batch_size, cfg.seed, cfg.workers, tok)):
             drop = torch.rand(len(ids), generator=g) < 0.1
             ids = torch.where(drop[:, None], empty, ids).to(cfg.device)
@@ -224,22 +230,16 @@ def load_vae(folder: str | Path):
     """The VAE of a pretrained shapes folder (or a VAE folder itself), in fp32."""
     from diffusers import AutoencoderKL
 
-    folder = Path(folder)
-    sub = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
-    return AutoencoderKL.from_pretrained(sub, torch_dtype=torch.float32).eval().requires_grad_(False)
+    return AutoencoderKL.from_pretrained(vae_folder(folder), torch_dtype=torch.float32).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def reconstructions(vae, path: Path, device: str, count: int = 8) -> Path:
     """Held-out drawings (top row) and the VAE's reconstructions of them (bottom row): what the
     UNet can at best draw."""
-    import numpy as np
-
     from rayreward import render
 
-    scenes = [shapes.scene(shapes.HELD_OUT + i) for i in range(count)]
-    x = torch.from_numpy(np.stack([np.asarray(shapes.draw(s, SIDE), dtype=np.float32) for s in scenes]))
-    x = x.permute(0, 3, 1, 2) / 127.5 - 1
+    x = images([shapes.scene(shapes.HELD_OUT + i) for i in range(count)])
     rec = vae.decode(vae.encode(x.to(device)).latent_dist.mean).sample.float().cpu()
     return render.save_grid(torch.cat([x, rec]).add(1).div(2), ["drawn", "VAE"], list(range(count)), path)
 
@@ -265,7 +265,7 @@ def run(cfg: PretrainConfig) -> Path:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     log: list[dict] = []
-    torch.manual_seed(cfg.seed)  # the VAE's posterior samples
+    torch.manual_seed(cfg.seed)
     if cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t0 = time.time()

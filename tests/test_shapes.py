@@ -124,9 +124,13 @@ def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
     def cli(*a):
         return subprocess.run([sys.executable, "-m", "rayreward.cli", "pretrain", *a], capture_output=True, text=True)
 
-    r = cli("--out", str(tmp_path / "m"), "--unet-steps", "0", "--lr", "-1")
+    r = cli("--out", str(tmp_path / "m"), "--unet-steps", "0", "--lr", "-1", "--workers", "-1",
+            "--vae-from", str(tmp_path / "nowhere"))
     assert r.returncode == 2
     assert "--unet-steps: 0 is not allowed; need an integer >= 1" in r.stderr and "--lr: -1.0 is not allowed" in r.stderr
+    assert "--workers: -1 is not allowed; need an integer >= 0" in r.stderr
+    assert f"--vae-from: {str(tmp_path / 'nowhere')!r} holds no VAE" in r.stderr
+    assert not (tmp_path / "m").exists()
     used = tmp_path / "used"
     used.mkdir()
     (used / "keep.txt").write_text("mine")
