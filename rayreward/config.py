@@ -104,7 +104,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 30  # optimizer steps
+    steps: int = 30  # optimizer steps (with max_unet_calls: at most this many)
+    # stop after the step at which this many UNet calls per sample have run in the chains (0: no
+    # limit); a guided call counts once, DRaFT-LV's n copies n times, backward's recomputation not
+    # at all. What an equal-compute comparison of methods fixes (metrics.csv: unet_calls_total)
+    max_unet_calls: int = 0
     batch_size: int = 4  # prompts per step (per worker!)
     seed: int = 0  # seeds the noise, the step selection and the prompt order
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
@@ -366,6 +370,8 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):
         if getattr(t, key) < 1:
             p.append(f"train.{key}: {getattr(t, key)} is not allowed; need an integer >= 1")
+    if t.max_unet_calls < 0:
+        p.append(f"train.max_unet_calls: {t.max_unet_calls} is not allowed; need an integer >= 0 (0: no limit)")
     if t.max_failures < -1:
         p.append(f"train.max_failures: {t.max_failures} is not allowed; need >= 0, or -1 for unlimited")
     rs = cfg.reward_server

@@ -90,6 +90,12 @@ class SampleResult:
         """Average a per-image quantity over the copies. Shape: (n * b,) -> (b,)."""
         return copy_mean(values, self.copies)
 
+    @property
+    def unet_calls(self) -> int:
+        """Denoiser calls per sample: one per chain step that ran (a guided call counts once), and
+        n for DRaFT-LV's last call, which denoises n copies of each sample."""
+        return len(self.trace) + self.copies - 1
+
 
 def copy_mean(values: torch.Tensor, copies: int) -> torch.Tensor:
     """Average over DRaFT-LV copies laid out as [copy 0 of all samples, copy 1, ...]. Shape: (n * b,) -> (b,)."""

@@ -301,6 +301,7 @@ class Worker:
         row = {"step": step, "reward_mean": stats.reward_mean, "reward_std": var**0.5,
                "loss": stats.loss, "grad_norm": gnorm, "stepped": int(stepped),
                "trained_steps": stats.trained_calls,  # grad-carrying UNet calls, mean over workers
+               "unet_calls": res.unet_calls,  # per sample, this worker's (every worker runs the same plan)
                "s_sample": times.sample, "s_reward": times.reward,
                # backward + gradient all-reduce + optimizer step
                "s_backward": t_end - times.started - times.sample - times.reward,
@@ -364,19 +365,21 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
         log = MetricsLog(out / "metrics.csv", resume.step)
         if resume.step:
             print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
-                  + (" (already complete)" if resume.step >= cfg.train.steps else ""), flush=True)
+                  + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
         else:
             render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
-    skipped, row, recent = resume.skipped, {}, []
+    skipped, calls, row, recent = resume.skipped, resume.unet_calls, {}, []
     fault_at = runtime.fault_step() if rank == 0 else None  # tests only
-    s_compile = w.warm_up() if resume.step < cfg.train.steps else 0.0  # 0 without train.compile
+    s_compile = w.warm_up() if not finished(cfg, resume.step, calls) else 0.0  # 0 without train.compile
     if main and s_compile:
         print(f"[rayreward] torch.compile ({cfg.train.compile}): {s_compile:.1f} s, once per worker; not in s/step",
               flush=True)
     for step in range(resume.step, cfg.train.steps):
+        if finished(cfg, step, calls):  # the call budget, reached before a resume
+            break
         if step == fault_at:
             _inject_fault(step, out)
         row = w.train_step(step)
@@ -384,9 +387,11 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             row["s_compile"] = s_compile
         skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         row["skipped_total"] = skipped
+        calls += row["unet_calls"]
+        row["unet_calls_total"] = calls
         recent = (recent + [row["reward_mean"]])[-5:]
         row["reward_smooth"] = sum(recent) / len(recent)  # what sweeps rank and stop trials on
-        last = step == cfg.train.steps - 1
+        last = finished(cfg, step + 1, calls)
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or last
         if checkpoint_now:
             row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
@@ -403,7 +408,8 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             continue
         if main and checkpoint_now:  # staged in a temporary folder that Ray copies to storage
             with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
-                report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg))
+                report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg,
+                                             calls))
         else:
             report(row, None)
     if main:
@@ -412,6 +418,13 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
         card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
         render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
     return row
+
+
+def finished(cfg: config_mod.Config, steps_done: int, calls_done: int) -> bool:
+    """Whether a run that has made `steps_done` steps and `calls_done` UNet calls per sample is
+    done: train.steps reached, or train.max_unet_calls (when set)."""
+    budget = cfg.train.max_unet_calls
+    return steps_done >= cfg.train.steps or (budget > 0 and calls_done >= budget)
 
 
 def progress_line(row: dict, steps: int) -> str:

@@ -333,7 +333,9 @@ def results_table(grid, sweep: SweepConfig):
         # than it reported (its own metrics.csv has them); the table keeps what the scheduler saw
         log = Path(row["trial_dir"]) / "metrics.csv"
         row["steps_trained"] = len(pd.read_csv(log)) if log.is_file() else 0
-        row["stopped_early"] = row["steps"] < int(sweep.base["train"]["steps"])
+        budget = int(cfg.get("search", {}).get("train.max_unet_calls", sweep.base["train"].get("max_unet_calls", 0)))
+        spent = budget > 0 and (last.get("unet_calls_total") or 0) >= budget  # ended on train.max_unet_calls
+        row["stopped_early"] = row["steps"] < int(sweep.base["train"]["steps"]) and not spent
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 

@@ -117,6 +117,26 @@ def test_drtune_gradient_flows_only_along_the_linear_path():
     assert not torch.allclose(x_T2.grad, x_T.grad)
 
 
+@pytest.mark.parametrize("method", [MethodConfig(name="draft"), MethodConfig(name="draft_k", k=2),
+                                    MethodConfig(name="draft_lv", lv_copies=3),
+                                    MethodConfig(name="drtune", k=2, early_stop_m=4),
+                                    MethodConfig(name="refl", refl_window=[1, 5]), MethodConfig(name="alignprop")],
+                         ids=lambda m: m.name)
+def test_unet_calls_are_the_denoiser_evaluations_per_sample(method):
+    """What train.max_unet_calls counts: every row the denoiser evaluates, divided by the batch."""
+    T, B, seen = 8, 2, set()
+    for seed in range(6):
+        plan = methods.make_plan(method, T, B, torch.Generator().manual_seed(seed))
+        res, den, _, _ = run(plan, T, B=B)
+        assert res.unet_calls == sum(x.shape[0] for _, x, _ in den.inputs) / B
+        seen.add(res.unet_calls)
+    expected = {"draft": {8}, "draft_k": {8}, "draft_lv": {11}, "alignprop": {8}}
+    if method.name in expected:
+        assert seen == expected[method.name]
+    else:  # an early stop runs fewer calls, varying with the step's draw
+        assert max(seen) <= T and len(seen) > 1
+
+
 def test_early_stop_returns_the_one_step_prediction():
     T, stop = 8, 5
     res, den, sch, _ = run(StepPlan(T, frozenset(), stop=stop), T)

@@ -82,6 +82,26 @@ def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
     assert train.read_checkpoint(result.checkpoint.path).step == 5
 
 
+def test_a_unet_call_budget_ends_the_run_and_survives_a_resume(tmp_path):
+    """train.max_unet_calls: DRTune's early stop makes a step cost 3 or 4 calls at T = 4; the run
+    ends on the step that reaches 10, and a resume past it trains nothing more."""
+    saved = {}
+    cfg = quick_cfg(tmp_path, "train.steps=50", "train.max_unet_calls=10", "train.checkpoint_every=100")
+    last = train.run_training(cfg, report=lambda row, folder: folder and saved.update(r=train.read_checkpoint(folder)))
+    log = rows(tmp_path / "metrics.csv")
+    calls = [int(r["unet_calls"]) for r in log]
+    assert set(calls) <= {3, 4} and sum(calls[:-1]) < 10 <= sum(calls)
+    assert [int(r["unet_calls_total"]) for r in log][-1] == sum(calls) == last["unet_calls_total"]
+    resume = saved["r"]  # the last step checkpoints: the budget's end is the run's end
+    assert resume.step == len(log) and resume.unet_calls == sum(calls)
+    train.run_training(quick_cfg(tmp_path, "train.steps=50", "train.max_unet_calls=10"), resume=resume)
+    assert len(rows(tmp_path / "metrics.csv")) == len(log)
+    # a larger budget goes on from the saved count
+    train.run_training(quick_cfg(tmp_path, "train.steps=50", "train.max_unet_calls=14"), resume=resume)
+    more = rows(tmp_path / "metrics.csv")
+    assert len(more) > len(log) and int(more[-1]["unet_calls_total"]) >= 14 > int(more[-2]["unet_calls_total"])
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     """All randomness of a step comes from (seed, step, rank): 2 steps + resume + 2 steps == 4 steps."""
     train.run_training(quick_cfg(tmp_path / "full", "train.steps=4"))
