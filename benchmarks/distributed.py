@@ -83,7 +83,7 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="rr-bench-"))
 
     def cfg(name, *extra):
-        return config.load(ROOT / "experiments/quickstart.yaml",
+        return config.load(ROOT / "experiments/tiny.yaml",
                            [f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.checkpoint_every=10",
                             f"output_dir={tmp / name}", *extra])
 

@@ -22,7 +22,8 @@ import yaml
 from rayreward import methods, rewards
 
 METHODS = tuple(methods.METHODS)
-TINY_MODELS = ("tiny", "tiny-sdxl")
+TINY_MODELS = ("tiny", "tiny-sdxl")  # random-initialised, built into the cache on first use
+BUILTIN_MODELS = TINY_MODELS + ("shapes",)  # "shapes": trained on the shapes world, shipped in the package
 FLAVOURS = ("auto", "sd", "sdxl")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_KINDS = ("linear", "hinge", "absolute")
@@ -45,7 +46,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "tiny-sdxl" (random-initialised, built offline), a hub id such as
+    # "tiny" / "tiny-sdxl" (random-initialised, built offline), "shapes" (a 64 px SD-1.x model
+    # trained on rayreward's shapes world, shipped in the package), a hub id such as
     # "stable-diffusion-v1-5/stable-diffusion-v1-5", or a local diffusers pipeline folder.
     name: str = "tiny"
     flavour: str = "auto"  # "sd" (1.x/2.x), "sdxl", or "auto": read from the pipeline folder
@@ -121,6 +123,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel); the global batch is num_workers * batch_size
     use_gpu: bool = False  # a GPU per worker (NCCL); CPU workers use gloo
     gpus_per_worker: float = 1.0  # with use_gpu: a worker's GPU share; 0.5 lets a reward actor (num_gpus 0.5) share its GPU
+    cpus_per_worker: float = 1.0  # CPUs a worker reserves; on CPU, torch uses as many threads (at least 1)
     max_failures: int = 0  # worker-group restarts (from the latest checkpoint) before the run fails
     # a run started again in the same output_dir resumes from its latest checkpoint. "auto": only
     # when the checkpoint was trained with the same config (else an error lists what differs);
@@ -323,7 +326,7 @@ def _looks_like_path(name: str) -> bool:
 
 def looks_like_hub_id(name: str) -> bool:
     """'org/name' that is not a built-in model or a local path."""
-    return name not in TINY_MODELS and not _looks_like_path(name)
+    return name not in BUILTIN_MODELS and not _looks_like_path(name)
 
 
 def validate(cfg: Config, training: bool = True) -> list[str]:
@@ -370,6 +373,8 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):
         if getattr(t, key) < 1:
             p.append(f"train.{key}: {getattr(t, key)} is not allowed; need an integer >= 1")
+    if not 0 < t.cpus_per_worker < math.inf:
+        p.append(f"train.cpus_per_worker: {t.cpus_per_worker} is not allowed; need a number > 0")
     if t.max_unet_calls < 0:
         p.append(f"train.max_unet_calls: {t.max_unet_calls} is not allowed; need an integer >= 0 (0: no limit)")
     if t.max_failures < -1:
@@ -403,10 +408,10 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     mc = cfg.model
     if mc.flavour not in FLAVOURS:
         p.append(f"model.flavour: {mc.flavour!r} is unknown; allowed: {', '.join(FLAVOURS)}")
-    if mc.name not in TINY_MODELS and _looks_like_path(mc.name) and not Path(mc.name).expanduser().is_dir():
+    if mc.name not in BUILTIN_MODELS and _looks_like_path(mc.name) and not Path(mc.name).expanduser().is_dir():
         p.append(
             f"model.name: {mc.name!r} is neither a local folder that exists nor a hub id"
-            f" ('org/name'); allowed: {', '.join(TINY_MODELS)}, a hub id, or a diffusers pipeline folder"
+            f" ('org/name'); allowed: {', '.join(BUILTIN_MODELS)}, a hub id, or a diffusers pipeline folder"
         )
     if mc.resolution < 8 or mc.resolution % 8:
         p.append(f"model.resolution: {mc.resolution} is not allowed; need a multiple of 8, >= 8")

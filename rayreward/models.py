@@ -172,7 +172,16 @@ def tiny_model_dir(flavour: str, seed: int) -> Path:
 # Loading.
 
 
+SHAPES_MODEL = Path(__file__).parent / "assets" / "shapes-model"  # `model.name: shapes` (rayreward pretrain)
+
+
 def resolve_source(model_cfg) -> str:
+    if model_cfg.name == "shapes":
+        if not _complete(SHAPES_MODEL):
+            raise ModelLoadError(f"model.name: 'shapes': the built-in model is missing from {SHAPES_MODEL} (an "
+                                 "install without the package data?); reinstall rayreward, or train one with "
+                                 "`rayreward pretrain --out DIR` and set model.name to DIR")
+        return str(SHAPES_MODEL)
     if model_cfg.name == "tiny":
         return str(tiny_model_dir("sd", model_cfg.seed))
     if model_cfg.name == "tiny-sdxl":

@@ -38,7 +38,7 @@ RESUMES_FILE = "resumes.jsonl"
 # where and on what hardware, how rewards are hosted, what the grids show. Every other field
 # shapes what is trained, so a resume with another value would mix two runs.
 FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "train.checkpoint_every", "train.max_failures",
-                  "train.use_gpu", "train.gpus_per_worker", "train.mixed_precision", "train.compile",
+                  "train.use_gpu", "train.gpus_per_worker", "train.cpus_per_worker", "train.mixed_precision", "train.compile",
                   "train.vae_checkpointing", "train.resume",
                   "train.start_timeout_s",
                   "reward_server.", "grid.")

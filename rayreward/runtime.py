@@ -146,9 +146,11 @@ def _drop_forwarded_output_of(actors: tuple[str, ...]) -> None:
 
 
 def worker_resources(cfg) -> dict[str, float]:
-    """One Ray Train worker's resources: 1 CPU, and train.gpus_per_worker GPU with use_gpu (a
-    share below 1 lets a reward actor of reward_server.num_gpus <= 1 - share use the same GPU)."""
-    return {"CPU": 1.0, **({"GPU": float(cfg.train.gpus_per_worker)} if cfg.train.use_gpu else {})}
+    """One Ray Train worker's resources: train.cpus_per_worker CPUs, and train.gpus_per_worker GPU
+    with use_gpu (a share below 1 lets a reward actor of reward_server.num_gpus <= 1 - share use the
+    same GPU)."""
+    return {"CPU": float(cfg.train.cpus_per_worker),
+            **({"GPU": float(cfg.train.gpus_per_worker)} if cfg.train.use_gpu else {})}
 
 
 def resources_needed(cfg) -> dict[str, float]:

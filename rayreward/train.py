@@ -476,7 +476,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         checkpoint = None if folder is None else ray.train.Checkpoint.from_directory(str(folder))
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    run_training(cfg, device=ray.train.torch.get_device(), rank=ctx.get_world_rank(), world=ctx.get_world_size(),
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many threads as CPUs reserved: workers sharing a node do not oversubscribe it
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    run_training(cfg, device=device, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
                  resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
 
 

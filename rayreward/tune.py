@@ -184,9 +184,17 @@ def _trial(params: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(params["base"], params["search"], str(Path(params["sweep_dir"]) / "trials" / trial_id),
                        f"{params['sweep_name']}-{trial_id}")
+    _give_driver_its_share(cfg)
     result = train.fit(cfg, callbacks=[TuneReportCallback()])
     if result.error is not None:
         raise result.error
+
+
+def _give_driver_its_share(cfg: config_mod.Config) -> None:
+    """The trial's driver holds DRIVER_CPU; its workers reserve that much less, so a trial takes
+    exactly its workers' CPUs (two 1-CPU trials fit on 2 CPUs, not one)."""
+    t = cfg.train
+    t.cpus_per_worker = max(t.cpus_per_worker - DRIVER_CPU / t.num_workers, DRIVER_CPU)
 
 
 def _param_space(sweep: SweepConfig, sweep_dir: Path) -> dict:
@@ -205,6 +213,7 @@ def concurrency(sweep: SweepConfig, have: dict[str, float], fixed: bool) -> int:
     worst: dict[str, float] = {}
     for assignment in _extremes(sweep):  # resources can depend on swept fields (num_workers, replicas)
         cfg = trial_config(sweep.base, assignment, sweep.output_dir, sweep.name)
+        _give_driver_its_share(cfg)
         need = runtime.resources_needed(cfg)
         need["CPU"] = need.get("CPU", 0.0) + DRIVER_CPU
         for k, v in need.items():

@@ -18,10 +18,10 @@ def rows(path: Path) -> list[dict]:
 
 
 def quick_cfg(out: Path, *overrides: str):
-    """The quickstart shrunk for tests: T = 4, 2 steps of batch 2, one grid cell."""
+    """experiments/tiny.yaml shrunk for tests: T = 4, 2 steps of batch 2, one grid cell."""
     from rayreward import config
 
-    return config.load(ROOT / "experiments/quickstart.yaml",
+    return config.load(ROOT / "experiments/tiny.yaml",
                        [f"output_dir={out}", "train.steps=2", "train.batch_size=2", "sampling.num_steps=4",
                         "method.early_stop_m=2", "grid.seeds=[0]", "grid.prompts=[a cat]", *overrides])
 

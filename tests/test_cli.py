@@ -37,7 +37,7 @@ def test_grammar_parses_the_same_in_every_command(tmp_path):
 
 def test_train_reads_its_prompt_file_with_the_shared_reader(tmp_path):
     (tmp_path / "p.csv").write_text(PROMPTS_CSV)
-    args = cli.build_parser().parse_args(["train", "--config", str(ROOT / "experiments/quickstart.yaml"),
+    args = cli.build_parser().parse_args(["train", "--config", str(ROOT / "experiments/tiny.yaml"),
                                           "--set", f"prompt_file={tmp_path / 'p.csv'}"])
     assert config.load(args.config, args.set).training_prompts() == ["a cat", "a dog"]
     with pytest.raises(config.ConfigError, match=r"prompt_file: '.*nope.csv' does not exist; give a .txt"):

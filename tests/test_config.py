@@ -24,7 +24,7 @@ def test_defaults_and_every_experiment_file_validate():
 
 
 def test_set_overrides_parse_yaml_values_and_index_lists():
-    cfg = config.load(ROOT / "experiments/quickstart.yaml",
+    cfg = config.load(ROOT / "experiments/tiny.yaml",
                       ["method.k=3", "sampling.guidance_scale=1", "rewards.0.weight=0.5", "lora.target_modules=[to_q]"])
     assert cfg.method.k == 3 and cfg.sampling.guidance_scale == 1.0 and isinstance(cfg.sampling.guidance_scale, float)
     assert cfg.rewards[0].weight == 0.5 and cfg.lora.target_modules == ["to_q"]

@@ -30,7 +30,7 @@ def test_eval_table_matches_rescoring_the_saved_images(mode, trained_lora, tmp_p
         request.getfixturevalue("ray_session")  # reward actors on the session's Ray
     (tmp_path / "prompts.csv").write_text("prompt,category\na cat,animal\na red car,object\na tree,plant\n")
     out = tmp_path / "eval"
-    rc = cli.main(["eval", "--config", "experiments/quickstart.yaml", "--set", "sampling.num_steps=4",
+    rc = cli.main(["eval", "--config", "experiments/tiny.yaml", "--set", "sampling.num_steps=4",
                    "--set", f"reward_server.mode={mode}",
                    "--lora", f"sym={trained_lora}", "--lora", f"half={trained_lora}:0.5",
                    "--rewards", "symmetry,pickscore", "--arg", "pickscore.model=tiny", "--arg", "pickscore.processor=tiny",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 @pytest.mark.parametrize("precision,dtype", [("auto", torch.bfloat16), ("fp16", torch.float16)])
 def test_cuda_half_precision_training_step(tmp_path, model, precision, dtype):
-    cfg = config.load(ROOT / "experiments/quickstart.yaml",
+    cfg = config.load(ROOT / "experiments/tiny.yaml",
                       [f"output_dir={tmp_path}", f"model.name={model}", f"train.mixed_precision={precision}",
                        "train.steps=2", "train.use_gpu=true"])
     w = make_worker(cfg, "cuda")
@@ -35,7 +35,7 @@ def test_the_chain_has_no_per_step_host_device_sync(tmp_path):
 
     from rayreward import methods, models, sampling
 
-    cfg = config.load(ROOT / "experiments/quickstart.yaml", [f"output_dir={tmp_path}", "train.use_gpu=true"])
+    cfg = config.load(ROOT / "experiments/tiny.yaml", [f"output_dir={tmp_path}", "train.use_gpu=true"])
     w = make_worker(cfg, "cuda")
     prompts, x_T, _, _ = w.draw_batch(0)
     cond = models.encode_prompts(w.c, prompts, "", cfg.model.resolution, "cuda")

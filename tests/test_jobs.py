@@ -72,7 +72,7 @@ def test_ray_job_submit_runs_the_quickstart(ray_head, tmp_path):
     url, env = ray_head
     out = tmp_path / "job-out"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
-           "rayreward", "train", "--config", "experiments/quickstart.yaml", "--set", "train.steps=3",
+           "rayreward", "train", "--config", "experiments/tiny.yaml", "--set", "train.steps=3",
            "--set", "sampling.num_steps=4", "--set", "method.early_stop_m=2", "--set", f"output_dir={out}"]
     deadline = time.monotonic() + 90
     while True:  # the job agent can come up after the dashboard; Ray says "try again later"

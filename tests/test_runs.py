@@ -63,9 +63,9 @@ def test_a_run_resumes_from_its_newest_checkpoint(run_dir):
 
 def test_a_new_name_in_a_used_folder_is_refused_and_nothing_is_touched(run_dir):
     before = (run_dir / "metrics.csv").read_text()
-    with pytest.raises(config.ConfigError, match="holds the run 'quickstart'; a run named 'other' would overwrite"):
+    with pytest.raises(config.ConfigError, match="holds the run 'tiny'; a run named 'other' would overwrite"):
         runfolder.prepare(quick_cfg(run_dir, "name=other"), run_dir)
-    proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set",
+    proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set",
                            f"output_dir={run_dir}", "--set", "name=other"], capture_output=True, text=True,
                           timeout=120, env=_env())
     assert proc.returncode == 2 and "Set output_dir to a new folder" in proc.stderr and "Traceback" not in proc.stderr
@@ -102,13 +102,13 @@ def test_a_forced_resume_records_the_change_and_uses_the_new_learning_rate(run_d
     (lambda c: (c / "trainer_state.json").write_text(""), "trainer_state.json: unreadable"),
 ], ids=["truncated_optimizer", "deleted_lora", "empty_state"])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_dir, damage, needle):
-    newest, older = runfolder.checkpoint_folders(run_dir, "quickstart")
+    newest, older = runfolder.checkpoint_folders(run_dir, "tiny")
     damage(newest)
     plan = runfolder.prepare(quick_cfg(run_dir, "train.steps=6", "train.checkpoint_every=2"), run_dir)
     assert plan.resume.step == 2 and plan.resume.folder == str(older) and plan.skip == [newest.name]
     assert needle in plan.warnings[0] and "resuming from the one before it, at step 2" in plan.warnings[0]
     damage(older)
-    with pytest.raises(runfolder.CheckpointError, match=f"no checkpoint of run 'quickstart' can be read back: .*{needle}"):
+    with pytest.raises(runfolder.CheckpointError, match=f"no checkpoint of run 'tiny' can be read back: .*{needle}"):
         runfolder.prepare(quick_cfg(run_dir, "train.steps=6"), run_dir)
 
 
@@ -117,7 +117,7 @@ def test_ray_train_resumes_past_a_corrupt_latest_checkpoint(tmp_path, ray_sessio
     before it and ends with every step once."""
     out = tmp_path / "run"
     assert train.fit(quick_cfg(out, "train.steps=4", "train.checkpoint_every=2")).error is None
-    newest, _ = runfolder.checkpoint_folders(out, "quickstart")
+    newest, _ = runfolder.checkpoint_folders(out, "tiny")
     (newest / "optimizer.pt").write_bytes(b"")
     result = train.fit(quick_cfg(out, "train.steps=6", "train.checkpoint_every=2"))
     assert result.error is None
@@ -135,7 +135,7 @@ def test_a_second_run_in_the_same_folder_stops_with_a_message(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(runfolder.RunFolderBusy, match=f"in use by another rayreward run \\(pid {holder.pid} on"):
             runfolder.RunLock(out).acquire()
-        proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set",
+        proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set",
                                f"output_dir={out}"], capture_output=True, text=True, timeout=120, env=_env())
         assert proc.returncode == 2 and "is in use by another rayreward run" in proc.stderr
         assert "Traceback" not in proc.stderr and not (out / "metrics.csv").exists()
@@ -158,7 +158,7 @@ def test_a_bad_ray_address_fails_fast_with_a_message(address, needle):
 
 
 def test_the_cli_with_an_unreachable_ray_address_exits_1_without_a_traceback(tmp_path):
-    proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set",
+    proc = subprocess.run([*CLI, "train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set",
                            f"output_dir={tmp_path}"], capture_output=True, text=True, timeout=120,
                           env=_env(RAY_ADDRESS="127.0.0.1:1"))
     assert proc.returncode == 1 and "nothing answers at 127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
@@ -175,7 +175,7 @@ def test_resources_no_node_can_provide_end_after_the_start_timeout(ray_session):
 
 @pytest.mark.slow  # starts its own Ray through the CLI
 def test_a_worker_error_is_one_line_and_the_traceback_only_with_verbose(tmp_path):
-    args = [*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", f"output_dir={tmp_path}",
+    args = [*CLI, "train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", f"output_dir={tmp_path}",
             "--set", "train.steps=1", "--set", "sampling.num_steps=4", "--set", "method.name=draft_k",
             "--set", "rewards=[{name: 'helpers:detached_mean'}]"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env())
@@ -189,7 +189,7 @@ def test_a_worker_error_is_one_line_and_the_traceback_only_with_verbose(tmp_path
 
 @pytest.mark.slow  # starts its own Ray through the CLI
 def test_sigterm_stops_the_run_says_how_to_resume_and_the_same_command_resumes(tmp_path):
-    args = [*CLI, "train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", f"output_dir={tmp_path}",
+    args = [*CLI, "train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", f"output_dir={tmp_path}",
             "--set", "train.steps=40", "--set", "train.checkpoint_every=2", "--set", "train.batch_size=2",
             "--set", "sampling.num_steps=4", "--set", "method.early_stop_m=2"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
@@ -219,7 +219,7 @@ def test_sigterm_stops_the_run_says_how_to_resume_and_the_same_command_resumes(t
     (["sample", "--prompts", "/no/such.txt", "--out", "/tmp/never.png"], 2, "--prompts: '/no/such.txt' does not exist"),
     (["sample", "--set", "sampling.num_steps=4", "--prompt", "a", "--seeds", "0", "--out", "/proc/no/grid.png"], 2,
      "'/proc/no': No such file or directory"),  # its folder cannot be made
-    (["train", "--config", str(ROOT / "experiments/quickstart.yaml"), "--set", "output_dir=/proc/runs"], 2,
+    (["train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", "output_dir=/proc/runs"], 2,
      "output_dir: cannot write to '/proc/runs'"),
 ], ids=["device_name", "device_missing", "sample_device", "sample_prompts", "sample_out", "train_output_dir"])
 def test_bad_devices_and_unwritable_outputs_are_one_message(argv, code, needle, capsys):

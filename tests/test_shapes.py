@@ -137,3 +137,13 @@ def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
     r = cli("--out", str(used))
     assert r.returncode == 2 and "--out: " in r.stderr and "is not empty" in r.stderr
     assert (used / "keep.txt").read_text() == "mine"
+
+
+def test_the_shipped_prompt_sets_are_captions_of_known_seeds():
+    """builtin:shapes (training, seeds 0..31) and builtin:shapes_heldout (from shapes.HELD_OUT)."""
+    from rayreward import config
+
+    assert config.read_prompts("builtin:shapes", "prompt_file") == shapes.prompts(32, start=0)
+    held = config.read_prompts("builtin:shapes_heldout", "prompt_file")
+    assert held == shapes.prompts(24) and not set(held) & set(shapes.prompts(32, start=0))
+    assert all(shapes.parse(p).caption == p for p in held)

@@ -56,7 +56,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
 
 def test_quickstart_reward_rises(tmp_path):
     """The quickstart's claim, in-process and shortened: DRTune raises the symmetry reward."""
-    cfg = config.load(ROOT / "experiments/quickstart.yaml", [f"output_dir={tmp_path}", "train.steps=20"])
+    cfg = config.load(ROOT / "experiments/tiny.yaml", [f"output_dir={tmp_path}", "train.steps=20"])
     train.run_training(cfg)
     r = [float(x["reward_mean"]) for x in rows(tmp_path / "metrics.csv")]
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5

@@ -16,7 +16,7 @@ from rayreward import config, train
 from rayreward import tune as rtune
 
 SWEEP = {
-    "base": str(ROOT / "experiments/quickstart.yaml"),
+    "base": str(ROOT / "experiments/tiny.yaml"),
     "set": ["train.steps=3", "train.batch_size=1", "train.checkpoint_every=1", "sampling.num_steps=4",
             "method.early_stop_m=2", "grid.seeds=[0]", "grid.prompts=[a cat]"],
     "name": "kr",
