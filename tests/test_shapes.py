@@ -10,6 +10,10 @@ import torch
 from rayreward import models, pretrain, shapes
 from rayreward.config import ModelConfig, PretrainConfig
 
+# the shipped model read by the judge on 64 held-out captions x 2 seeds at T = 10: 92 % of the
+# labels (every colour and background, 77-84 % of the kinds), 55 % of the pictures wholly
+LABELS_READ, WHOLLY_READ = 0.85, 0.3
+
 
 def test_a_scene_is_a_function_of_its_seed():
     assert shapes.scene(7) == shapes.scene(7) and shapes.scene(7) != shapes.scene(8)
@@ -147,3 +151,21 @@ def test_the_shipped_prompt_sets_are_captions_of_known_seeds():
     held = config.read_prompts("builtin:shapes_heldout", "prompt_file")
     assert held == shapes.prompts(24) and not set(held) & set(shapes.prompts(32, start=0))
     assert all(shapes.parse(p).caption == p for p in held)
+
+
+def test_the_builtin_shapes_model_loads_offline_and_follows_its_captions():
+    """model.name: shapes is the shipped pipeline (the real classes, fp16 files loaded as fp32); its
+    pictures of held-out captions are read back by the judge."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from rayreward import judge, models, render
+    from rayreward.config import ModelConfig, SamplingConfig
+
+    c = models.load_components(ModelConfig(name="shapes"))
+    assert isinstance(c.unet, UNet2DConditionModel) and isinstance(c.vae, AutoencoderKL)
+    assert isinstance(c.text_encoders[0], CLIPTextModel) and c.flavour == "sd" and c.unet.dtype == torch.float32
+    prompts = shapes.prompts(16)
+    x = render.render(c, prompts, [0], SamplingConfig(num_steps=10, guidance_scale=4.0), 64, "cpu")
+    labels, whole = judge.agreement(judge.load(), x, prompts)
+    assert labels.mean() > LABELS_READ and whole.mean() > WHOLLY_READ, (labels.mean(), whole.mean())

@@ -105,12 +105,15 @@ def test_bad_sweeps_are_refused_before_ray_starts(tmp_path):
 def test_a_sweep_larger_than_the_cluster_is_a_clear_error(tmp_path):
     sweep = rtune.load_sweep(write_sweep(tmp_path, search={"train.num_workers": [1, 8]}))
     with pytest.raises(config.ConfigError, match=r"one trial of sweep 'kr' asks for more than the cluster has "
-                                                 r"\(CPU: needs 8.01, the cluster has 4\)"):
+                                                 r"\(CPU: needs 8, the cluster has 4\)"):
         rtune.concurrency(sweep, {"CPU": 4.0}, fixed=True)
     assert rtune.concurrency(sweep, {"CPU": 4.0}, fixed=False) == 1  # an autoscaler may add nodes
     small = rtune.load_sweep(write_sweep(tmp_path))
-    assert rtune.concurrency(small, {"CPU": 4.0}, fixed=True) == 3  # 1.01 CPU a trial
-    assert rtune.concurrency(small, {"CPU": 64.0}, fixed=True) == 63
+    # a trial takes exactly its worker's CPU: the driver's 0.01 comes out of the worker's share
+    assert rtune.concurrency(small, {"CPU": 2.0}, fixed=True) == 2
+    assert rtune.concurrency(small, {"CPU": 64.0}, fixed=True) == 64
+    two = rtune.load_sweep(write_sweep(tmp_path, search={"train.cpus_per_worker": [2.0]}))
+    assert rtune.concurrency(two, {"CPU": 5.0}, fixed=True) == 2
 
 
 def test_a_float_distribution_on_an_integer_field_is_refused_at_load(tmp_path):

@@ -3,8 +3,8 @@
     python experiments/shapes/compare.py                 # about 50 minutes on 2 CPU cores
     python experiments/shapes/compare.py --quick         # the whole pipeline in a few minutes (tests)
 
-1. Trains: `equal_steps.yaml` (every method, 3 seeds, 30 steps) and `equal_calls.yaml` (the methods
-   whose steps do not cost a full chain, until 300 UNet calls per sample) as Ray Tune sweeps, so
+1. Trains: `equal_steps.yaml` (every method, 3 seeds, 40 steps) and `equal_calls.yaml` (the methods
+   whose steps do not cost a full chain, until 400 UNet calls per sample) as Ray Tune sweeps, so
    the same files run on a cluster (`rayreward tune --config ...`). A sweep cut short resumes when
    the command is run again; a finished one is not run again.
 2. Evaluates the base model and every trial's LoRA on the 24 held-out captions
@@ -192,7 +192,7 @@ def smooth(y, n: int = 5):
     return np.array([y[max(0, i - n + 1):i + 1].mean() for i in range(len(y))])
 
 
-def table(recs, evals, mem) -> "pd.DataFrame":
+def table(recs, evals, mem) -> tuple:
     import pandas as pd
 
     rows = []
@@ -227,7 +227,8 @@ def markdown(res) -> str:
         v, s = row[c], row.get(c + "_std")
         if v is None or v != v:
             return ""
-        return fmt.format(v) + (f" ± {fmt.format(s)}" if s == s and s is not None and row["seeds"] > 1 else "")
+        spread = f" ± {fmt.replace('+', '').format(s)}" if s is not None and s == s and row["seeds"] > 1 else ""
+        return fmt.format(v) + spread
 
     lines = ["| budget | method | final reward (train) | held-out symmetry distance (grey levels) | "
              "alignment: all 7 labels | alignment log p | steps | UNet calls | train s | saved MB |",
