@@ -278,7 +278,9 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
           f"{sweep.scheduler['name']} on {sweep.metric} ({sweep.mode})", flush=True)
     grid = tuner.fit()
     expected = sweep.num_samples * math.prod(len(v) for s in sweep.search.values() for k, v in s.items() if k == "grid")
-    ended = grid.num_terminated + grid.num_errors
+    # a trial ended when it errored or reported: one Ctrl-C stopped before its first report may
+    # still be listed as terminated, and it has not run
+    ended = sum(1 for r in grid if r.error is not None or r.metrics)
     if len(grid) < expected or ended < len(grid):  # Ctrl-C / SIGUSR1: Tune saved its state and returned
         print(f"[rayreward] sweep {sweep.name} interrupted ({ended} of {expected} trials ended); run the same "
               "command again to resume it", flush=True)
@@ -346,7 +348,10 @@ def results_table(grid, sweep: SweepConfig):
         spent = budget > 0 and (last.get("unet_calls_total") or 0) >= budget  # ended on train.max_unet_calls
         row["stopped_early"] = row["steps"] < int(sweep.base["train"]["steps"]) and not spent
         rows.append(row)
-    return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
+    df = pd.DataFrame(rows)
+    for k in sweep.search:  # as drawn: a column with a missing value would turn integers into floats
+        df[k] = pd.Series([row[k] for row in rows], dtype=object)
+    return df.sort_values("trial_id").reset_index(drop=True)
 
 
 def plot_sweep(df, sweep: SweepConfig, path: Path) -> None:

