@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from helpers import ROOT
 
 
+@pytest.mark.slow  # two Ray Tune sweeps of 10 short trials, the evaluation and the gradient norms
 def test_the_comparison_runs_from_one_command(tmp_path):
     out, runs = tmp_path / "docs", tmp_path / "runs"
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--quick", "--out", str(out),

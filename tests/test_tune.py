@@ -37,7 +37,7 @@ def write_sweep(tmp_path, **changes):
 def test_a_sweep_is_interrupted_resumes_and_its_best_config_trains(ray_session, tmp_path):
     import ray
 
-    path = write_sweep(tmp_path, max_concurrent=2)  # two waves: the second is running when the first ends
+    path = write_sweep(tmp_path, max_concurrent=1)  # one at a time: trials are still pending when the first ends
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     # 1. `rayreward tune` as users run it, joined to this session's Ray; Ctrl-C once a trial is done
