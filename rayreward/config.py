@@ -123,7 +123,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (data parallel); the global batch is num_workers * batch_size
     use_gpu: bool = False  # a GPU per worker (NCCL); CPU workers use gloo
     gpus_per_worker: float = 1.0  # with use_gpu: a worker's GPU share; 0.5 lets a reward actor (num_gpus 0.5) share its GPU
-    cpus_per_worker: float = 1.0  # CPUs a worker reserves; on CPU, torch uses as many threads (at least 1)
+    cpus_per_worker: float = 1.0  # CPUs a worker reserves; on CPU, torch uses as many threads (rounded, at least 1)
     max_failures: int = 0  # worker-group restarts (from the latest checkpoint) before the run fails
     # a run started again in the same output_dir resumes from its latest checkpoint. "auto": only
     # when the checkpoint was trained with the same config (else an error lists what differs);

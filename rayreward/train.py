@@ -478,7 +478,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # as many threads as CPUs reserved: workers sharing a node do not oversubscribe it
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))  # rounded: a Tune trial's 1.99 is 2
     run_training(cfg, device=device, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
                  resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
 

@@ -37,3 +37,11 @@ def test_the_comparison_runs_from_one_command(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--quick", "--out", str(out),
                            "--runs", str(runs)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.count("done already") == 2, proc.stdout[-2000:]
+
+
+def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--set", "lora.rank=-1",
+                           "--out", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "lora.rank: -1 is not allowed" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()

@@ -58,6 +58,7 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
     (["optim.eps=0"], "optim.eps: 0.0 is not allowed; need > 0"),
     (["train.max_failures=-2"], "train.max_failures: -2 is not allowed"),
     (["train.max_unet_calls=-1"], "train.max_unet_calls: -1 is not allowed; need an integer >= 0"),
+    (["train.cpus_per_worker=0"], "train.cpus_per_worker: 0.0 is not allowed; need a number > 0"),
     (["reward_server.num_cpus=-1"], "reward_server.num_cpus: -1.0 is negative"),
     (["reward_server.max_restarts=-5"], "reward_server.max_restarts: -5 is not allowed"),
     (["prompt_file=/no/such/prompts.txt"], "prompt_file: '/no/such/prompts.txt' does not exist"),

@@ -347,6 +347,11 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override on both sweeps' base config, e.g. sampling.num_steps=20")
     args = ap.parse_args(argv)
+    try:  # every sweep value and --set checked before Ray starts or anything is written
+        sweeps(args.quick, Path(args.runs), args.set)
+    except config_mod.ConfigError as e:
+        print(f"compare.py: error: {e}", file=sys.stderr)
+        return 2
     out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
