@@ -34,6 +34,43 @@ from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
 # Small pure pieces.
 
 
+def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> dict[str, float]:
+    """Record each grid image's rewards in grid_scores.csv: one row per (grid, prompt, seed),
+    columns `grid` ("start" or "end"), `prompt`, `seed` and one per reward. Rows of an earlier
+    `label` grid are replaced (a resumed run renders grid_end again); the others are kept.
+    Returns the mean of each reward over this grid's images."""
+    pairs = [(p, s) for p in prompts for s in seeds]  # render()'s row-major order
+    rows = []
+    if path.is_file():
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r["grid"] != label]
+    for i, (p, s) in enumerate(pairs):
+        rows.append({"grid": label, "prompt": p, "seed": s, **{k: float(v[i]) for k, v in scores.items()}})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return {k: float(v.float().mean()) for k, v in scores.items()}
+
+
+def grid_change(path: Path) -> str:
+    """'symmetry -0.0231 -> -0.0125, ...': each reward's mean over the start grid against the end
+    grid (the same prompts and seeds), from grid_scores.csv; "" when either grid is missing."""
+    if not path.is_file():
+        return ""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in (rows[0] if rows else {}) if k not in ("grid", "prompt", "seed")]
+    means = {}
+    for label in ("start", "end"):
+        mine = [r for r in rows if r["grid"] == label]
+        if not mine:
+            return ""
+        means[label] = {k: sum(float(r[k]) for r in mine) / len(mine) for k in names}
+    return ", ".join(f"{k} {means['start'][k]:+.4f} -> {means['end'][k]:+.4f}" for k in names)
+
+
 def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor | float,
                  grad_clip: float, trained: bool = True) -> tuple[bool, float]:
     """Clip and step, unless nothing was trained (`trained` False: no worker ran a grad-carrying
@@ -317,6 +354,14 @@ class Worker:
         return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
                              self.amp)
 
+    def save_grid(self, prompts, label: str) -> None:
+        """grid_<label>.png of `prompts` x grid.seeds, and its images' rewards in grid_scores.csv."""
+        out, seeds = Path(self.cfg.output_dir), self.cfg.grid.seeds
+        images = self.render(prompts, seeds)
+        render.save_grid(images, prompts, seeds, out / f"grid_{label}.png")
+        scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
+        write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
+
     def warm_up(self) -> float:
         """Compile the UNet's graphs for this run's shapes before the first step (train.compile):
         one no-grad call and one grad-carrying call with its backward, as the chain makes them.
@@ -367,7 +412,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
                   + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
         else:
-            render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_start.png")
+            w.save_grid(grid_prompts, "start")
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
@@ -413,7 +458,11 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
         else:
             report(row, None)
     if main:
-        render.save_grid(w.render(grid_prompts, cfg.grid.seeds), grid_prompts, cfg.grid.seeds, out / "grid_end.png")
+        w.save_grid(grid_prompts, "end")
+        change = grid_change(out / "grid_scores.csv")
+        if change:
+            print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
+                  f"start -> end: {change}", flush=True)
         models.save_lora(w.c.unet, out / "lora", w.c.flavour)
         card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
         render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
