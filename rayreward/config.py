@@ -150,6 +150,21 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # one grid column per seed
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+WANDB_MODES = ("auto", "online", "offline")
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers beside metrics.csv (rayreward/tracking.py), written by rank 0."""
+    trackers: list[str] = field(default_factory=list)  # any of tensorboard, mlflow, wandb
+    experiment: str = ""  # MLflow experiment and W&B group; "" = the run's name (a sweep: the sweep's name)
+    # "" = $MLFLOW_TRACKING_URI, else an SQLite store in the output folder (sqlite:///<output_dir>/mlflow.db)
+    mlflow_tracking_uri: str = ""
+    wandb_project: str = "rayreward"
+    wandb_mode: str = "auto"  # "auto": online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline
+
+
 @dataclass
 class Config:
     name: str = "quickstart"  # run name: Ray Train run name and default output folder name
@@ -168,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -405,6 +421,16 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
         p.append(f"train.gpus_per_worker: {t.gpus_per_worker} is not allowed; need a GPU share in (0, 1] (a worker "
                  "uses one device)")
 
+    lg = cfg.log
+    for i, name in enumerate(lg.trackers):
+        if name not in TRACKERS:
+            p.append(f"log.trackers[{i}]: {name!r} is unknown; allowed: {', '.join(TRACKERS)}")
+        elif not _importable(TRACKER_MODULES[name]):
+            p.append(f"log.trackers[{i}]: {name} needs the {TRACKER_MODULES[name]!r} package, which is not "
+                     f"installed; pip install -c constraints.txt -e \".[{name}]\" (or \".[trackers]\" for all three)")
+    if lg.wandb_mode not in WANDB_MODES:
+        p.append(f"log.wandb_mode: {lg.wandb_mode!r} is unknown; allowed: {', '.join(WANDB_MODES)}")
+
     mc = cfg.model
     if mc.flavour not in FLAVOURS:
         p.append(f"model.flavour: {mc.flavour!r} is unknown; allowed: {', '.join(FLAVOURS)}")
@@ -424,6 +450,15 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     elif not cfg.prompts:
         p.append("prompts: empty; give at least one prompt, or a prompt_file")
     return p
+
+
+TRACKER_MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}  # what each tracker imports
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def vae_folder(path: str | Path) -> Path | None:

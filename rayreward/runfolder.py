@@ -41,7 +41,7 @@ FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "
                   "train.use_gpu", "train.gpus_per_worker", "train.cpus_per_worker", "train.mixed_precision", "train.compile",
                   "train.vae_checkpointing", "train.resume",
                   "train.start_timeout_s",
-                  "reward_server.", "grid.")
+                  "reward_server.", "grid.", "log.")
 
 
 class CheckpointError(RuntimeError):

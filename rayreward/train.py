@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from rayreward import config as config_mod
-from rayreward import card, methods, models, render, runfolder, runtime, sampling
+from rayreward import card, methods, models, render, runfolder, runtime, sampling, tracking
 from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
 
 
@@ -354,13 +354,14 @@ class Worker:
         return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
                              self.amp)
 
-    def save_grid(self, prompts, label: str) -> None:
-        """grid_<label>.png of `prompts` x grid.seeds, and its images' rewards in grid_scores.csv."""
+    def save_grid(self, prompts, label: str) -> tuple[Path, dict[str, float]]:
+        """grid_<label>.png of `prompts` x grid.seeds, and its images' rewards in grid_scores.csv.
+        Returns the image's path and the grid's mean of each reward."""
         out, seeds = Path(self.cfg.output_dir), self.cfg.grid.seeds
         images = self.render(prompts, seeds)
         render.save_grid(images, prompts, seeds, out / f"grid_{label}.png")
         scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
-        write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
+        return out / f"grid_{label}.png", write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
 
     def warm_up(self) -> float:
         """Compile the UNet's graphs for this run's shapes before the first step (train.compile):
@@ -398,6 +399,11 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
 
 
 def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
+    with tracking.Trackers(cfg, resume.step, enabled=w.rank == 0) as trackers:
+        return _loop(cfg, w, resume, report, trackers)
+
+
+def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: tracking.Trackers) -> dict:
     out, rank, world = Path(cfg.output_dir), w.rank, w.world
     if resume.lora_state is not None:
         w.restore(resume)
@@ -412,7 +418,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
             print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
                   + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
         else:
-            w.save_grid(grid_prompts, "start")
+            trackers.log_grid("start", *w.save_grid(grid_prompts, "start"), step=0)
         print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
               f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
               f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
@@ -446,6 +452,7 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
                                    "the gradient sync is broken; please report it with metrics.csv")
         if main:
             log.append(row)
+            trackers.log_row(row)
             print(progress_line(row, cfg.train.steps), flush=True)
             if checkpoint_now:
                 render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
@@ -458,13 +465,14 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
         else:
             report(row, None)
     if main:
-        w.save_grid(grid_prompts, "end")
+        trackers.log_grid("end", *w.save_grid(grid_prompts, "end"), step=int(row.get("step", resume.step - 1)) + 1)
         change = grid_change(out / "grid_scores.csv")
         if change:
             print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
                   f"start -> end: {change}", flush=True)
         models.save_lora(w.c.unet, out / "lora", w.c.flavour)
         card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
+        trackers.log_lora(out / "lora")
         render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
     return row
 
@@ -550,6 +558,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     cfg = prepare_run(cfg)
+    tracking.resolve(cfg)  # the MLflow URI and W&B mode from the driver's environment
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

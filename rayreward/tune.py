@@ -203,7 +203,26 @@ def _param_space(sweep: SweepConfig, sweep_dir: Path) -> dict:
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     search = {k: make[kind](values) for k, s in sweep.search.items() for kind, values in s.items()}
-    return {"base": sweep.base, "search": search, "sweep_dir": str(sweep_dir), "sweep_name": sweep.name}
+    return {"base": tracked_base(sweep, sweep_dir), "search": search, "sweep_dir": str(sweep_dir),
+            "sweep_name": sweep.name}
+
+
+def tracked_base(sweep: SweepConfig, sweep_dir: Path) -> dict:
+    """The base config with its trackers grouped by sweep: one MLflow experiment / W&B group named
+    after the sweep (unless log.experiment names one), one MLflow store for all trials (the sweep
+    folder's mlflow.db unless a URI is set), resolved here, in the driver's environment."""
+    from rayreward import tracking
+
+    base = copy.deepcopy(sweep.base)
+    cfg = config_mod.from_dict(base)
+    if not cfg.log.trackers:
+        return base
+    cfg.log.experiment = cfg.log.experiment or sweep.name
+    cfg.log.mlflow_tracking_uri = tracking.mlflow_uri(cfg, folder=sweep_dir) if "mlflow" in cfg.log.trackers else ""
+    if "wandb" in cfg.log.trackers:
+        cfg.log.wandb_mode = tracking.wandb_mode(cfg)
+    base["log"] = cfg.to_dict()["log"]
+    return base
 
 
 def concurrency(sweep: SweepConfig, have: dict[str, float], fixed: bool) -> int:

@@ -37,7 +37,8 @@ def write_sweep(tmp_path, **changes):
 def test_a_sweep_is_interrupted_resumes_and_its_best_config_trains(ray_session, tmp_path):
     import ray
 
-    path = write_sweep(tmp_path, max_concurrent=1)  # one at a time: trials are still pending when the first ends
+    # one at a time: trials are still pending when the first ends; tracked in MLflow and TensorBoard
+    path = write_sweep(tmp_path, max_concurrent=1, set=SWEEP["set"] + ["log.trackers=[mlflow, tensorboard]"])
     out = tmp_path / "sweep"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     # 1. `rayreward tune` as users run it, joined to this session's Ray; Ctrl-C once a trial is done
@@ -72,6 +73,19 @@ def test_a_sweep_is_interrupted_resumes_and_its_best_config_trains(ray_session, 
         m = rows(out / "trials" / r.trial_id / "metrics.csv")
         assert len(m) == r.steps_trained >= r.steps
         assert float(m[r.steps - 1]["reward_smooth"]) == pytest.approx(r.reward_smooth, rel=1e-6)
+
+    # one MLflow run per trial, in one experiment named after the sweep, in the sweep folder's store;
+    # the trial cut short by Ctrl-C continued its own run. TensorBoard: each trial's folder.
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("kr").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"kr-{t}" for t in df.trial_id)
+    for r in runs:
+        trial = r.info.run_name[len("kr-"):]
+        steps = {h.step for h in client.get_metric_history(r.info.run_id, "reward_mean")}
+        assert steps == set(range(len(rows(out / "trials" / trial / "metrics.csv")))), (trial, steps)
+        assert (out / "trials" / trial / "tensorboard").is_dir()
 
     # 3. the best config is the best row's values on the base, and it trains
     best = df.sort_values("reward_smooth", ascending=False).iloc[0]
@@ -138,3 +152,15 @@ def test_a_sweep_whose_trials_all_fail_exits_1_with_the_cause(ray_session, tmp_p
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "all 1 trials of sweep 'kr' failed; the first: RewardLoadError: reward pickscore: cannot load" in proc.stderr
+
+
+def test_a_sweeps_trials_are_grouped_in_its_trackers(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = rtune.load_sweep(write_sweep(tmp_path, set=SWEEP["set"] + ["log.trackers=[mlflow, wandb]"]))
+    log = rtune.tracked_base(sweep, tmp_path / "sweep")["log"]
+    assert log["experiment"] == "kr"  # the MLflow experiment and the W&B group of every trial
+    assert log["mlflow_tracking_uri"] == f"sqlite:///{(tmp_path / 'sweep').resolve() / 'mlflow.db'}"
+    assert log["wandb_mode"] == "offline"
+    plain = rtune.load_sweep(write_sweep(tmp_path))
+    assert rtune.tracked_base(plain, tmp_path / "sweep")["log"]["trackers"] == []
