@@ -260,7 +260,8 @@ def cmd_eval(args) -> int:
     prompts = config.read_prompts(args.prompts or "builtin:animals", "--prompts")
     seeds = args.seeds or [0, 1]
     out = Path(args.out)
-    _, summary = evaluation.run_eval(cfg, loras, prompts, seeds, out, device=device, batch=args.batch)
+    _, summary = evaluation.run_eval(cfg, loras, prompts, seeds, out, device=device, batch=args.batch,
+                                     diversity_clip=args.diversity_clip)
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"[rayreward] wrote {out / 'summary.csv'}, {out / 'per_prompt.csv'}, {out / 'per_image.csv'}, "
           f"{out}/grid_seed*.png")
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rewards", required=True, help="comma-separated reward names, e.g. hpsv21,pickscore,symmetry")
     e.add_argument("--arg", action="append", default=[], metavar="REWARD.KEY=VALUE")
     e.add_argument("--batch", type=int, default=8, help="prompts rendered at once")
+    e.add_argument("--diversity-clip", metavar="MODEL", help="a CLIP model (hub id, folder, or tiny) whose image "
+                   "embeddings measure diversity across seeds, beside pixels (default: pixels only)")
     e.add_argument("--out", required=True, help="output folder")
     e.set_defaults(fn=cmd_eval)
 

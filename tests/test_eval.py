@@ -10,7 +10,7 @@ from helpers import quick_cfg
 from PIL import Image
 
 from rayreward import cli, config, reports, train
-from rayreward.rewards import build_reward
+from rayreward.rewards import RewardLoadError, build_reward
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def test_eval_table_matches_rescoring_the_saved_images(mode, trained_lora, tmp_p
                    "--set", f"reward_server.mode={mode}",
                    "--lora", f"sym={trained_lora}", "--lora", f"half={trained_lora}:0.5",
                    "--rewards", "symmetry,pickscore", "--arg", "pickscore.model=tiny", "--arg", "pickscore.processor=tiny",
-                   "--prompts", str(tmp_path / "prompts.csv"), "--seeds", "0,3", "--out", str(out)])
+                   "--prompts", str(tmp_path / "prompts.csv"), "--seeds", "0,3", "--diversity-clip", "tiny",
+                   "--out", str(out)])
     assert rc == 0
     per_image = pd.read_csv(out / "per_image.csv")
     assert len(per_image) == 3 * 3 * 2 and set(per_image.variant) == {"base", "sym", "half"}
@@ -45,8 +46,9 @@ def test_eval_table_matches_rescoring_the_saved_images(mode, trained_lora, tmp_p
         assert np.allclose(per_image.symmetry, sym(imgs, list(per_image.prompt)).numpy(), atol=1e-6)
         assert np.allclose(per_image.pickscore, pick(imgs, list(per_image.prompt)).numpy(), atol=1e-4)
     # the summary: mean, std and win rate against base on the same (prompt, seed)
-    summary = pd.read_csv(out / "summary.csv")
-    assert len(summary) == 3 * 2
+    full_summary = pd.read_csv(out / "summary.csv")
+    assert len(full_summary) == 3 * 2 + 3 * 2  # two rewards and two diversity measures per variant
+    summary = full_summary[~full_summary.reward.str.startswith("diversity_")]
     for _, row in summary.iterrows():
         d = per_image[per_image.variant == row.variant].sort_values(["prompt_idx", "seed"])
         b = per_image[per_image.variant == "base"].sort_values(["prompt_idx", "seed"])
@@ -57,6 +59,25 @@ def test_eval_table_matches_rescoring_the_saved_images(mode, trained_lora, tmp_p
     assert summary.set_index(["variant", "reward"]).loc[("base", "symmetry"), "win_rate_vs_base"] == 0.5
     per_prompt = pd.read_csv(out / "per_prompt.csv")
     assert len(per_prompt) == 3 * 3
+    # diversity across the 2 seeds, per variant and prompt: RMS pixel difference and CLIP 1 - cos
+    # of the saved images, recomputed here; the summary's mean is over prompts, its win rate the
+    # share of prompts more diverse than the base's
+    clip = build_reward("pickscore", model="tiny", processor="tiny").scorer
+    for _, row in per_prompt.iterrows():
+        files = per_image[(per_image.variant == row.variant) & (per_image.prompt_idx == row.prompt_idx)].image
+        a, b = [load_png(out / f) for f in files]
+        assert row.diversity_pixel == pytest.approx((a - b).pow(2).mean().sqrt().item(), rel=1e-5)
+        with torch.no_grad():
+            ea, eb = clip.image_embeds(torch.stack([a, b]))
+        assert row.diversity_clip == pytest.approx(1 - (ea @ eb).item(), abs=1e-5)
+    div = full_summary.set_index(["variant", "reward"])
+    for v in ("base", "sym", "half"):
+        mine, base = per_prompt[per_prompt.variant == v], per_prompt[per_prompt.variant == "base"]
+        assert div.loc[(v, "diversity_pixel"), "mean"] == pytest.approx(mine.diversity_pixel.mean())
+        assert div.loc[(v, "diversity_clip"), "n"] == 3
+        wins = (mine.diversity_pixel.values > base.diversity_pixel.values).mean()
+        assert div.loc[(v, "diversity_pixel"), "win_rate_vs_base"] == pytest.approx(
+            wins + 0.5 * (mine.diversity_pixel.values == base.diversity_pixel.values).mean())
     for s in (0, 3):
         assert Image.open(out / f"grid_seed{s}.png").size[0] > 3 * 32
     # the trained LoRA changed the images; at scale 0.5 they lie between base and the full LoRA:
@@ -90,6 +111,8 @@ def test_eval_bad_inputs(tmp_path, capsys):
         cli.cmd_eval(cli.build_parser().parse_args(["eval", "--rewards", "nosuch", "--out", str(tmp_path)]))
     with pytest.raises(config.ConfigError, match=r"--device: 'cuda:7' is not available"):
         cli.cmd_eval(cli.build_parser().parse_args(base + ["--device", "cuda:7"]))
+    with pytest.raises(RewardLoadError, match=r"^--diversity-clip: cannot load .*no-clip.*Set --diversity-clip to a local"):
+        cli.cmd_eval(cli.build_parser().parse_args(base + ["--diversity-clip", str(tmp_path / "no-clip")]))
     assert not (tmp_path / "o").exists()  # nothing written before the inputs are good
 
 

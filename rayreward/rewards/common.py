@@ -19,14 +19,18 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_pretrained(what: str, fn, source: str, key: str):
+    """fn(source): a reward's model or processor, from a folder or the hub (the local cache only
+    when the hub is unreachable). `what` names the reward and `key` its args field; a command-line
+    flag ("--diversity-clip") as `what` names itself in both places."""
     local_only = not Path(source).expanduser().exists() and hub.offline()
+    flag = what.startswith("--")
     try:
         return fn(source, local_files_only=local_only)
     except (OSError, ValueError) as e:
         raise RewardLoadError(
-            f"reward {what}: cannot load {source!r} ({first_line(e)}){'; ' + hub.why_offline() if local_only else ''}. Set "
-            f"rewards[].args.{key} to a local folder or file holding it, or make the hub reachable (unset "
-            "HF_HUB_OFFLINE) to download it once."
+            f"{what if flag else 'reward ' + what}: cannot load {source!r} ({first_line(e)})"
+            f"{'; ' + hub.why_offline() if local_only else ''}. Set {what if flag else 'rewards[].args.' + key} to a "
+            "local folder or file holding it, or make the hub reachable (unset HF_HUB_OFFLINE) to download it once."
         ) from None
 
 
