@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from rayreward import models, render, runtime
 from rayreward.config import LoraArg
@@ -55,8 +56,10 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
     c.to(device, amp)
     variants = [("base", None, 0.0)] + [(lora.name, f"eval{i}", lora.scale) for i, lora in enumerate(loras)]
     images: dict[str, torch.Tensor] = {}
-    total, done = len(variants) * len(prompts), 0
+    bar = tqdm(total=len(variants) * len(prompts) * len(seeds), desc="[rayreward] eval: rendering", unit="image",
+               dynamic_ncols=True)
     for name, adapter, scale in variants:
+        bar.set_postfix_str(name)
         if adapter is None:
             if loras:
                 c.unet.disable_lora()
@@ -66,11 +69,11 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
         chunks = []
         for i in range(0, len(prompts), batch):
             chunks.append(render.render(c, prompts[i:i + batch], seeds, cfg.sampling, cfg.model.resolution, device, amp))
-            done += len(prompts[i:i + batch])
-            print(f"[rayreward] eval: rendered {done}/{total} prompts x {len(seeds)} seeds ({name})", flush=True)
+            bar.update(len(prompts[i:i + batch]) * len(seeds))
         x = (torch.cat(chunks).clamp(0, 1) * 255).round() / 255  # scored as saved: 8-bit
         images[name] = x
         render.save_images(x, prompts, seeds, out / "images" / name)
+    bar.close()
     return images
 
 
@@ -81,6 +84,7 @@ def score_variants(cfg, images: dict[str, torch.Tensor], prompts: Sequence[str],
 
     rows = []
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
+    bar = tqdm(total=len(images) * len(pairs), desc="[rayreward] eval: scoring", unit="image", dynamic_ncols=True)
     with runtime.reward_client(cfg, device) as rewards:
         for name, x in images.items():
             parts: dict[str, list] = {}
@@ -88,9 +92,11 @@ def score_variants(cfg, images: dict[str, torch.Tensor], prompts: Sequence[str],
                 res = rewards.score_only(x[j:j + batch], [prompts[i] for i, _ in pairs[j:j + batch]])
                 for k, v in res.items():
                     parts.setdefault(k, []).extend(v.tolist())
+                bar.update(len(pairs[j:j + batch]))
             for n, (i, s) in enumerate(pairs):
                 rows.append({"variant": name, "prompt_idx": i, "prompt": prompts[i], "seed": s,
                              "image": f"images/{name}/p{i:03d}_s{s}.png", **{k: v[n] for k, v in parts.items()}})
+    bar.close()
     return pd.DataFrame(rows)
 
 

@@ -98,9 +98,11 @@ def check_address(address: str, timeout_s: float = 5.0) -> None:
                            "cluster up (`ray status` on its head node)? Unset RAY_ADDRESS to run on a local Ray") from None
 
 
-def init_ray() -> bool:
+def init_ray(own: str = "prefixed") -> bool:
     """Join the cluster at RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
-    Returns True when this process started a fixed-size local Ray."""
+    Returns True when this process started a fixed-size local Ray. Unless `rayreward --verbose`,
+    Ray's known noise is filtered, and the workers' own "[rayreward]" lines are shown as `own`
+    says (see `quiet_ray_output`)."""
     import ray
 
     if ray.is_initialized():
@@ -108,6 +110,9 @@ def init_ray() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address is not None:
         check_address(address)
+    verbose = bool(os.environ.get(VERBOSE_ENV))
+    if not verbose:
+        _quiet_driver_logs()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
@@ -117,29 +122,73 @@ def init_ray() -> bool:
     finally:
         if main and previous is not None:  # ray.init sets SIGTERM to a bare sys.exit: keep the caller's
             signal.signal(signal.SIGTERM, previous)
-    if not os.environ.get(VERBOSE_ENV):
-        _drop_forwarded_output_of(QUIET_ACTORS)
+    if not verbose:
+        quiet_ray_output(own)
     return not address
 
 
-# Ray's own helper actors whose output is not about the run: Ray Train's PlacementGroupCleaner
-# prints a thread traceback when its state-API query fails at the end of a run on a busy machine.
+# What `rayreward --verbose` brings back, each seen in real runs on Ray 2.60 and not about the run:
+# - Ray Train's PlacementGroupCleaner prints a thread traceback, and "Failed to query Ray Train
+#   Controller actor state" every few seconds, when its state-API query fails on a busy machine;
+# - the Train controller's core worker logs (level E) that its PreemptionWatcher actor "has
+#   constructor arguments in the object store and max_restarts > 0", at every run's start;
+# - a local Ray started here says that token authentication is on by default (nothing to do).
 QUIET_ACTORS = ("PlacementGroupCleaner",)
+QUIET_LINES = ("Failed to query Ray Train Controller actor state",
+               "has constructor arguments in the object store and max_restarts > 0")
+QUIET_DRIVER_LOGS = ("Token authentication is enabled for this Ray cluster",)
+OWN_LINE = "[rayreward]"
 
 
-def _drop_forwarded_output_of(actors: tuple[str, ...]) -> None:
-    """Filter the driver's printing of cluster output (Ray's internal "ray_print_logs" handler),
-    dropping these actors' lines. Without the hook (another Ray), nothing is filtered."""
+def _quiet_driver_logs() -> None:
+    """Drop the driver-side Ray log records of QUIET_DRIVER_LOGS (a logging filter on Ray's handlers)."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not any(q in str(record.getMessage()) for q in QUIET_DRIVER_LOGS)
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, Drop) for f in logger.filters):
+        logger.addFilter(Drop())
+
+
+OWN_MODES = ("prefixed", "bare", "drop")
+_own = ["prefixed"]
+
+
+def quiet_ray_output(own: str = "prefixed") -> None:
+    """Filter the driver's printing of cluster output (Ray's "ray_print_logs" handler): drop the
+    lines of QUIET_ACTORS and QUIET_LINES. The workers' own "[rayreward]" lines: "prefixed" as Ray
+    prints them, "bare" without Ray's "(RayTrainWorker pid=...)" prefix (one run: only rank 0
+    prints), "drop" all but warnings and errors (a sweep: its progress bar stands for them, each
+    trial's metrics.csv holds the steps). Without the hook (another Ray), nothing is filtered."""
+    import logging
+
+    if own not in OWN_MODES:
+        raise ValueError(f"own: {own!r} is unknown; allowed: {', '.join(OWN_MODES)}")
+    _own[0] = own
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)  # Tune's INFO lines ("Wrote the latest version ...")
     try:
         from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private.worker import print_to_stdstream
     except ImportError:
         return
     with dispatcher._lock:
         for i, (name, handle) in enumerate(dispatcher.handlers):
             if name == "ray_print_logs" and not getattr(handle, "_rayreward_filter", False):
                 def filtered(data, _handle=handle):
-                    if data.get("actor_name") not in actors:
-                        _handle(data)
+                    if data.get("actor_name") in QUIET_ACTORS:
+                        return
+                    lines = [x for x in data.get("lines", []) if not any(q in x for q in QUIET_LINES)]
+                    if _own[0] == "drop":
+                        lines = [x for x in lines if not x.startswith(OWN_LINE) or "warning" in x or "error" in x]
+                    mine = [x for x in lines if x.startswith(OWN_LINE)] if _own[0] == "bare" else []
+                    rest = [x for x in lines if x not in mine] if mine else lines
+                    if mine:
+                        print_to_stdstream({**data, "lines": mine}, ignore_prefix=True)
+                    if rest:
+                        _handle({**data, "lines": rest})
 
                 filtered._rayreward_filter = True
                 dispatcher.handlers[i] = (name, filtered)

@@ -239,7 +239,10 @@ class Worker:
         default: loaded from cfg.model."""
         self.cfg, self.device, self.score, self.rank, self.world = cfg, device, score, rank, world
         self.amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
+        t0 = time.perf_counter()
         self.c = components if components is not None else models.load_components(cfg.model)
+        if rank == 0 and components is None:
+            print(f"[rayreward] model {cfg.model.name} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         if self.amp is not None:
             self.c.unet.to(self.amp)
         self.c.to(device, self.amp)
@@ -358,8 +361,10 @@ class Worker:
         """grid_<label>.png of `prompts` x grid.seeds, and its images' rewards in grid_scores.csv.
         Returns the image's path and the grid's mean of each reward."""
         out, seeds = Path(self.cfg.output_dir), self.cfg.grid.seeds
+        t0 = time.perf_counter()
         images = self.render(prompts, seeds)
         render.save_grid(images, prompts, seeds, out / f"grid_{label}.png")
+        print(f"[rayreward] {label} grid: {len(images)} images in {time.perf_counter() - t0:.1f} s", flush=True)
         scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
         return out / f"grid_{label}.png", write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
 
@@ -577,7 +582,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
             from rayreward.rewards.clip import tiny_clip_dir
 
             tiny_clip_dir()
-        fixed = runtime.init_ray()
+        fixed = runtime.init_ray(own="bare")
         runtime.check_resources(cfg, ray.cluster_resources(), fixed)
         runtime.wait_for_resources(cfg)
         runtime.shorten_report_poll()
@@ -614,6 +619,9 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
         )
         main = threading.current_thread() is threading.main_thread()  # not in a Tune trial
         handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) if main else None
+        if main:
+            print(f"[rayreward] starting {cfg.train.num_workers} Ray Train worker(s) "
+                  f"({'GPU' if cfg.train.use_gpu else 'CPU'}); each loads the model", flush=True)
         try:
             result = trainer.fit()
         except Exception:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,66 @@ def _extremes(sweep: SweepConfig) -> list[dict]:
     return out
 
 
+def trial_progress(expected: int, metric: str, mode: str):
+    """A Tune callback (Tune calls it in the driver) drawing a progress bar of the sweep's trials:
+    done of `expected`, running, stopped early, failed, and the best `metric` reported so far."""
+    from ray.tune import Callback
+    from tqdm.auto import tqdm
+
+    class TrialProgress(Callback):
+        def __init__(self):
+            self.running: set[str] = set()
+            self.stopped = self.failed = 0
+            self.best: float | None = None
+            self.bar = tqdm(total=expected, desc="[rayreward] trials", unit="trial", dynamic_ncols=True)
+
+        def __getstate__(self):  # Tune pickles its callbacks into the sweep's saved state
+            return {}
+
+        def __setstate__(self, state):  # restored with a resumed sweep: inert (it would undercount)
+            self.running, self.stopped, self.failed, self.best, self.bar = set(), 0, 0, None, None
+
+        def _show(self):
+            if self.bar is None:
+                return
+            best = "" if self.best is None else f", best {metric} {self.best:+.4f}"
+            self.bar.set_postfix_str(f"{len(self.running)} running, {self.stopped} stopped early, "
+                                     f"{self.failed} failed{best}")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.running.add(trial.trial_id)
+            self._show()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            value = result.get(metric)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                if self.best is None or (value > self.best if mode == "max" else value < self.best):
+                    self.best = value
+            self._show()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            if trial.last_result.get("training_iteration", 0) < trial.config["base"]["train"]["steps"]:
+                self.stopped += 1  # ASHA ended it (a trial that ran all its steps reported each one)
+            self._ended()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.running.discard(trial.trial_id)
+            self.failed += 1
+            self._ended()
+
+        def _ended(self):
+            if self.bar is not None:
+                self.bar.update(1)
+            self._show()
+
+        def close(self):
+            if self.bar is not None:
+                self.bar.close()
+
+    return TrialProgress()
+
+
 def run_sweep(sweep: SweepConfig) -> Path | None:
     """Run (or resume) the sweep; write results.csv/.parquet, best_config.yaml and sweep.png.
     Returns the sweep folder, or None when the sweep was interrupted (nothing is written then)."""
@@ -272,7 +333,7 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
         from rayreward import models
 
         models.resolve_source(config_mod.from_dict(sweep.base).model)  # build the tiny cache once
-    fixed = runtime.init_ray()
+    fixed = runtime.init_ray(own="drop")  # the trials bar stands for the trials' step lines
     n = concurrency(sweep, ray.cluster_resources(), fixed)
     steps = int(sweep.base["train"]["steps"])
     scheduler = None
@@ -284,19 +345,27 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
     trainable = tune.with_resources(_trial, {"CPU": DRIVER_CPU})
     space = _param_space(sweep, out)
     exp = out / "tune" / sweep.name
+    verbose = 1 if os.environ.get(runtime.VERBOSE_ENV) else 0  # Tune's status tables with --verbose
+    if not verbose:  # Tune's newer console output prints its start box at any verbosity; the older is silent at 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    expected = sweep.num_samples * math.prod(len(v) for s in sweep.search.values() for k, v in s.items() if k == "grid")
+    progress = None  # a fresh sweep's trials bar (Tuner.restore takes no callbacks)
     if tune.Tuner.can_restore(str(exp)):
         print(f"[rayreward] resuming sweep {sweep.name} from {exp}", flush=True)
         tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, param_space=space)
     else:
+        progress = trial_progress(expected, sweep.metric, sweep.mode)
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
                                         num_samples=sweep.num_samples, max_concurrent_trials=n),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(out / "tune"), verbose=1))
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(out / "tune"), verbose=verbose,
+                                      callbacks=[progress]))
     print(f"[rayreward] sweep {sweep.name}: {', '.join(sweep.search)}; up to {n} trial(s) at once; "
           f"{sweep.scheduler['name']} on {sweep.metric} ({sweep.mode})", flush=True)
     grid = tuner.fit()
-    expected = sweep.num_samples * math.prod(len(v) for s in sweep.search.values() for k, v in s.items() if k == "grid")
+    if progress is not None:
+        progress.close()
     # a trial ended when it errored or reported: one Ctrl-C stopped before its first report may
     # still be listed as terminated, and it has not run
     ended = sum(1 for r in grid if r.error is not None or r.metrics)

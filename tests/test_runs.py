@@ -203,11 +203,17 @@ def test_sigterm_stops_the_run_says_how_to_resume_and_the_same_command_resumes(t
     assert proc.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
     assert "interrupted (SIGTERM); run the same command again to resume from its checkpoint at step" in rest
     assert "Traceback" not in rest
+    # quiet by default: the workers' progress lines bare, Ray's known noise dropped
+    said = "".join(lines) + rest
+    assert any(x.startswith("[rayreward] step 0 [1/40]") for x in lines), said
+    assert "[rayreward] model tiny loaded in" in said and "[rayreward] start grid: 8 images in" in said
+    assert "pid=" not in said and "PreemptionWatcher" not in said and "Token authentication" not in said, said
     done = rows(tmp_path / "metrics.csv")
     args[args.index("train.steps=40")] = f"train.steps={len(done) + 2}"
-    again = subprocess.run(args, capture_output=True, text=True, timeout=300, env=_env())
+    again = subprocess.run(args + ["--verbose"], capture_output=True, text=True, timeout=300, env=_env())
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from the checkpoint at step" in again.stdout + again.stderr
+    assert "(RayTrainWorker pid=" in again.stdout + again.stderr  # --verbose: Ray's output as it is
     assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == list(range(len(done) + 2))
 
 

@@ -53,6 +53,8 @@ def test_a_sweep_is_interrupted_resumes_and_its_best_config_trains(ray_session, 
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "interrupted" in log, log[-2000:]
+    # quiet by default: a bar of the trials stands for their step lines (each trial's metrics.csv has them)
+    assert "[rayreward] trials:" in log and "] step 0 [" not in log and "Configuration for experiment" not in log, log
     assert not (out / "results.csv").exists(), log[-2000:]  # it was cut short
     stamps = {t: (out / "trials" / t / "grid_start.png").stat().st_mtime for t in finished}
 
