@@ -449,7 +449,29 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
             p += e.problems
     elif not cfg.prompts:
         p.append("prompts: empty; give at least one prompt, or a prompt_file")
+    if any(r.name == "shapes_alignment" for r in cfg.rewards) and not p:
+        p += _shapes_captions_only(cfg, training)
     return p
+
+
+def _shapes_captions_only(cfg: Config, training: bool) -> list[str]:
+    """shapes_alignment's judge reads captions of the shapes world only: every grid prompt, and
+    when training every training prompt, must be one (checked here, not at the end of a run)."""
+    from rayreward import shapes
+
+    named = [(f"grid.prompts[{i}]", t) for i, t in enumerate(cfg.grid.prompts)]
+    if training:
+        where = f"prompt_file {cfg.prompt_file!r}" if cfg.prompt_file else "prompts"
+        named += [(f"{where}[{i}]", t) for i, t in enumerate(cfg.training_prompts())]
+    bad = []
+    for field_, text in named:
+        try:
+            shapes.parse(text)
+        except ValueError:
+            bad.append(f"{field_}: {text!r} is not a caption of the shapes world, and reward shapes_alignment "
+                       "reads only those; use captions such as 'a large red circle in the middle, on a white "
+                       "background' (prompt_file: builtin:shapes)")
+    return bad[:3] + ([f"... and {len(bad) - 3} more such prompts"] if len(bad) > 3 else [])
 
 
 TRACKER_MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}  # what each tracker imports

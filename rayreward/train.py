@@ -470,12 +470,12 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: t
         else:
             report(row, None)
     if main:
+        models.save_lora(w.c.unet, out / "lora", w.c.flavour)  # first: nothing after it can lose the LoRA
         trackers.log_grid("end", *w.save_grid(grid_prompts, "end"), step=int(row.get("step", resume.step - 1)) + 1)
         change = grid_change(out / "grid_scores.csv")
         if change:
             print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
                   f"start -> end: {change}", flush=True)
-        models.save_lora(w.c.unet, out / "lora", w.c.flavour)
         card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
         trackers.log_lora(out / "lora")
         render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")

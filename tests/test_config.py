@@ -143,3 +143,19 @@ def test_compile_mode_is_checked():
     with pytest.raises(config.ConfigError, match="train.compile: 'fast' is unknown; allowed: off, default, reduce-overhead, "
                                                  "max-autotune"):
         config.from_dict({}, ["train.compile=fast"])
+
+
+def test_shapes_alignment_refuses_prompts_its_judge_cannot_read():
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"rewards": [{"name": "shapes_alignment"}], "prompt_file": "builtin:shapes",
+                          "grid": {"prompts": ["a cat", "a large red circle in the middle, on a white background"]}})
+    assert e.value.problems == [
+        "grid.prompts[0]: 'a cat' is not a caption of the shapes world, and reward shapes_alignment reads only "
+        "those; use captions such as 'a large red circle in the middle, on a white background' (prompt_file: "
+        "builtin:shapes)"]
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({"rewards": [{"name": "shapes_alignment"}], "prompts": ["a cat", "a dog"] * 3})
+    assert [x.split(" is not")[0] for x in e.value.problems] == [
+        "prompts[0]: 'a cat'", "prompts[1]: 'a dog'", "prompts[2]: 'a cat'", "... and 3 more such prompts"]
+    # rendering only (sample, eval): the training prompts are not the judge's business
+    config.from_dict({"rewards": [{"name": "shapes_alignment"}], "prompts": ["a cat"]}, training=False)
