@@ -116,6 +116,16 @@ class Trackers:
 
     def _start_mlflow(self, params: dict, experiment: str, run_id: str | None):
         uri = mlflow_uri(self.cfg)
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        try:
+            return self._mlflow_run(uri, params, experiment, run_id)
+        finally:  # mlflow.set_tracking_uri exports the URI: a later run in this process would inherit it
+            if before is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = before
+
+    def _mlflow_run(self, uri: str, params: dict, experiment: str, run_id: str | None):
         if run_id:  # a resume: the same run (setup_mlflow always starts a new one)
             import mlflow
 

@@ -3,6 +3,7 @@ across a resume; under `rayreward tune` in test_tune; bad tracker settings."""
 
 import glob
 import json
+import os
 
 import pytest
 from helpers import quick_cfg, rows
@@ -47,6 +48,7 @@ def wandb_records(run_file) -> dict[str, list]:
 def test_a_run_and_its_resume_are_one_tracked_run_in_each_tracker(tmp_path):
     import mlflow
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     saved = {}
     keep = lambda row, folder: folder and saved.update(r=train.read_checkpoint(folder))  # noqa: E731
     train.run_training(quick_cfg(tmp_path, ALL), report=keep)
@@ -64,7 +66,9 @@ def test_a_run_and_its_resume_are_one_tracked_run_in_each_tracker(tmp_path):
         assert tag in scalars, tag
     assert set(images) == {"grid/start", "grid/end"}
 
-    # MLflow: the resume continued the first run (same id), params = the resolved config
+    # MLflow: the resume continued the first run (same id), params = the resolved config; the
+    # store's URI did not leak into this process's environment (a later run would inherit it)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     ids = json.loads((tmp_path / tracking.STATE_FILE).read_text())
     assert ids["mlflow"] == first_ids["mlflow"]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -61,7 +61,8 @@ def test_grid_scores_keep_one_start_and_one_end_grid(tmp_path):
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
-    cfg = quick_cfg(tmp_path, "train.steps=3", "rewards=[{name: 'helpers:nan_on_step', args: {bad_calls: [1]}}]")
+    # the reward's calls: 0 scores the start grid, 1-3 the steps: NaN on step 1
+    cfg = quick_cfg(tmp_path, "train.steps=3", "rewards=[{name: 'helpers:nan_on_step', args: {bad_calls: [2]}}]")
     last = train.run_training(cfg)
     log = rows(tmp_path / "metrics.csv")
     assert [int(r["stepped"]) for r in log] == [1, 0, 1]
