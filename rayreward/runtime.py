@@ -183,8 +183,10 @@ def quiet_ray_output(own: str = "prefixed") -> None:
                     lines = [x for x in data.get("lines", []) if not any(q in x for q in QUIET_LINES)]
                     if _own[0] == "drop":
                         lines = [x for x in lines if not x.startswith(OWN_LINE) or "warning" in x or "error" in x]
-                    mine = [x for x in lines if x.startswith(OWN_LINE)] if _own[0] == "bare" else []
-                    rest = [x for x in lines if x not in mine] if mine else lines
+                    mine, rest = [], lines
+                    if _own[0] == "bare":
+                        mine = [x for x in lines if x.startswith(OWN_LINE)]
+                        rest = [x for x in lines if not x.startswith(OWN_LINE)]
                     if mine:
                         print_to_stdstream({**data, "lines": mine}, ignore_prefix=True)
                     if rest:

@@ -17,6 +17,7 @@ A resumed run continues the same tracked run: the MLflow run id and the W&B run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -74,15 +75,30 @@ def wandb_mode(cfg: config_mod.Config) -> str:
         return "offline"
 
 
-def resolve(cfg: config_mod.Config) -> None:
+def resolve(cfg: config_mod.Config, experiment: str = "", folder: str | os.PathLike | None = None) -> None:
     """Fix, on the driver, what depends on its environment: the MLflow URI (the workers may run
-    elsewhere, without $MLFLOW_TRACKING_URI) and the experiment name. Changes `cfg` in place."""
+    elsewhere, without $MLFLOW_TRACKING_URI; default store in `folder`, else the output folder),
+    W&B's mode, and the experiment name (log.experiment, else `experiment`, else the run's name).
+    Changes `cfg` in place."""
     lg = cfg.log
-    lg.experiment = lg.experiment or cfg.name
+    lg.experiment = lg.experiment or experiment or cfg.name
     if "mlflow" in lg.trackers:
-        lg.mlflow_tracking_uri = mlflow_uri(cfg)
+        lg.mlflow_tracking_uri = mlflow_uri(cfg, folder)
     if "wandb" in lg.trackers:
         lg.wandb_mode = wandb_mode(cfg)
+
+
+@contextlib.contextmanager
+def _env_kept(name: str):
+    """Restore the environment variable `name` on exit to what it was on entry."""
+    before = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class Trackers:
@@ -115,15 +131,9 @@ class Trackers:
         state_path.write_text(json.dumps(ids))
 
     def _start_mlflow(self, params: dict, experiment: str, run_id: str | None):
-        uri = mlflow_uri(self.cfg)
-        before = os.environ.get("MLFLOW_TRACKING_URI")
-        try:
-            return self._mlflow_run(uri, params, experiment, run_id)
-        finally:  # mlflow.set_tracking_uri exports the URI: a later run in this process would inherit it
-            if before is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = before
+        # mlflow.set_tracking_uri exports the URI: a later run in this process would inherit it
+        with _env_kept("MLFLOW_TRACKING_URI"):
+            return self._mlflow_run(mlflow_uri(self.cfg), params, experiment, run_id)
 
     def _mlflow_run(self, uri: str, params: dict, experiment: str, run_id: str | None):
         if run_id:  # a resume: the same run (setup_mlflow always starts a new one)
@@ -146,19 +156,13 @@ class Trackers:
         from ray.air.integrations.wandb import setup_wandb
 
         mode = wandb_mode(self.cfg)
-        before = os.environ.get("WANDB_MODE")
-        os.environ["WANDB_MODE"] = mode  # how setup_wandb knows that offline needs no API key
-        try:
+        with _env_kept("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = mode  # how setup_wandb knows that offline needs no API key
             return setup_wandb(config=params, rank_zero_only=False, trial_id=run_id or wandb.util.generate_id(),
                                trial_name=self.cfg.name, project=self.cfg.log.wandb_project, group=experiment,
                                mode=mode, dir=str(self.out), resume="allow" if mode == "online" else None,
                                reinit="finish_previous",
                                tags=[f"method-{self.cfg.method.name}"], settings=wandb.Settings(silent=True))
-        finally:
-            if before is None:
-                os.environ.pop("WANDB_MODE", None)
-            else:
-                os.environ["WANDB_MODE"] = before
 
     def log_row(self, row: dict) -> None:
         """One metrics.csv row, at its step."""

@@ -216,13 +216,9 @@ def tracked_base(sweep: SweepConfig, sweep_dir: Path) -> dict:
 
     base = copy.deepcopy(sweep.base)
     cfg = config_mod.from_dict(base)
-    if not cfg.log.trackers:
-        return base
-    cfg.log.experiment = cfg.log.experiment or sweep.name
-    cfg.log.mlflow_tracking_uri = tracking.mlflow_uri(cfg, folder=sweep_dir) if "mlflow" in cfg.log.trackers else ""
-    if "wandb" in cfg.log.trackers:
-        cfg.log.wandb_mode = tracking.wandb_mode(cfg)
-    base["log"] = cfg.to_dict()["log"]
+    if cfg.log.trackers:
+        tracking.resolve(cfg, experiment=sweep.name, folder=sweep_dir)
+        base["log"] = cfg.to_dict()["log"]
     return base
 
 
