@@ -101,6 +101,21 @@ def _env_kept(name: str):
             os.environ[name] = before
 
 
+def read_ids(path: Path) -> dict[str, str]:
+    """The tracked runs' ids a resume continues ({"mlflow": ..., "wandb": ...}); {} when the file
+    is missing or unreadable (with a warning: the resume then starts new tracked runs)."""
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+        if isinstance(ids, dict) and all(isinstance(v, str) for v in ids.values()):
+            return ids
+    except (OSError, ValueError):
+        pass
+    print(f"[rayreward] warning: {path} is unreadable; the trackers start new runs", flush=True)
+    return {}
+
+
 class Trackers:
     """The trackers of `cfg.log.trackers` for one run (rank 0 only). Use as a context manager: the
     runs end on exit, marked failed when an exception leaves the block."""
@@ -113,7 +128,7 @@ class Trackers:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / STATE_FILE
-        ids = json.loads(state_path.read_text()) if resume_step and state_path.is_file() else {}
+        ids = read_ids(state_path) if resume_step else {}
         params = flat_config(cfg)
         experiment = cfg.log.experiment or cfg.name
         if "tensorboard" in names:

@@ -41,9 +41,11 @@ def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> d
     Returns the mean of each reward over this grid's images."""
     pairs = [(p, s) for p in prompts for s in seeds]  # render()'s row-major order
     rows = []
-    if path.is_file():
+    try:  # an unreadable file or row is replaced: the grids are scored again on every run
         with path.open() as f:
-            rows = [r for r in csv.DictReader(f) if r["grid"] != label]
+            rows = [r for r in csv.DictReader(f) if r.get("grid") not in (label, None)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        rows = []
     for i, (p, s) in enumerate(pairs):
         rows.append({"grid": label, "prompt": p, "seed": s, **{k: float(v[i]) for k, v in scores.items()}})
     fields = list(dict.fromkeys(k for r in rows for k in r))
@@ -525,13 +527,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
     cfg = config_mod.from_dict(loop_config["config"])
     ctx = ray.train.get_context()  # [1] who am I: rank and world size (gloo/nccl group is up)
-    resume = None
-    ckpt = ray.train.get_checkpoint()  # [2] Ray's latest checkpoint: after a worker-group restart, this run's
+    # [2] where to start: the newer of Ray's latest checkpoint (after a worker-group restart, this
+    # run's newest) and the driver's pick (the newest readable on disk: Ray's latest may be broken,
+    # or older than one written just before a kill and never registered with Ray)
+    candidates = []
+    ckpt = ray.train.get_checkpoint()
     if ckpt is not None and Path(ckpt.path).name not in loop_config.get("skip_checkpoints", ()):
         with ckpt.as_directory() as d:
-            resume = read_checkpoint(d)
-    elif loop_config.get("resume_from"):  # the driver's pick: Ray's latest is unreadable, or unknown to Ray
-        resume = read_checkpoint(loop_config["resume_from"])
+            candidates.append(read_checkpoint(d))
+    if loop_config.get("resume_from"):
+        candidates.append(read_checkpoint(loop_config["resume_from"]))
+    resume = max(candidates, key=lambda r: r.step, default=None)
 
     def report(row: dict, folder: Path | None) -> None:  # [3] every worker, every step
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}

@@ -140,3 +140,14 @@ def test_the_mlflow_uri_and_wandb_mode_follow_the_config_then_the_environment(tm
     assert tracking.wandb_mode(cfg) == "online"
     cfg.log.wandb_mode = "offline"
     assert tracking.wandb_mode(cfg) == "offline"
+
+
+def test_an_unreadable_trackers_file_starts_new_tracked_runs_with_a_warning(tmp_path, capsys):
+    path = tmp_path / tracking.STATE_FILE
+    for damaged in ("{not json", "[1, 2]", '{"mlflow": 3}'):
+        path.write_text(damaged)
+        assert tracking.read_ids(path) == {}
+        assert "trackers.json is unreadable; the trackers start new runs" in capsys.readouterr().out
+    path.write_text('{"mlflow": "abc", "wandb": "xyz"}')
+    assert tracking.read_ids(path) == {"mlflow": "abc", "wandb": "xyz"}
+    assert tracking.read_ids(tmp_path / "missing.json") == {}

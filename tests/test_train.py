@@ -58,6 +58,11 @@ def test_grid_scores_keep_one_start_and_one_end_grid(tmp_path):
         ("start", "a", "0", 1.0), ("start", "a", "7", 2.0), ("start", "b", "0", 3.0), ("start", "b", "7", 4.0),
         ("end", "a", "0", 3.0), ("end", "a", "7", 3.0), ("end", "b", "0", 3.0), ("end", "b", "7", 5.0)]
     assert train.grid_change(path) == "r +2.5000 -> +3.5000"
+    # a damaged file (a hand edit, a disk fault) is rewritten, not a crash after training
+    for damaged in (b"\xff\xfe\x00garbage", b"no,header,here\n1,2,3\n"):
+        path.write_bytes(damaged)
+        train.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([3.0, 3.0, 3.0, 5.0])})
+        assert [r["grid"] for r in rows(path)] == ["end"] * 4
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
