@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rayreward import config, runtime, train  # noqa: E402
+from rayreward import config, driver, runtime, train  # noqa: E402
 
 
 def median_col(out: Path, col: str, skip: int = 2) -> float:
@@ -54,7 +54,7 @@ def run(label: str, cfg: config.Config, ray_path: bool, env: dict | None = None)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             if ray_path:
-                result = train.fit(cfg)
+                result = driver.fit(cfg)
                 assert result.error is None, result.error
             else:
                 train.run_training(cfg)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from rayreward import config, methods, models, render, reports, runtime, sampling, serving, train
+from rayreward import config, methods, models, render, reports, runtime, sampling, serving, tiny, train
 
 ALL_METHODS = list(methods.METHODS)
 SHAPES = ("sd15", "sdxl", "tiny")
@@ -68,11 +68,11 @@ def build(shape: str, seed: int = 0):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if shape == "tiny":
-        pipe = models.build_tiny_pipeline("sd", seed)
+        pipe = tiny.build_pipeline("sd", seed)
     else:
         torch.manual_seed(seed)
         with tempfile.TemporaryDirectory() as tmp:
-            tok = models._tiny_tokenizer(Path(tmp), max_length=77)
+            tok = tiny.tokenizer(Path(tmp), max_length=77)
         scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                                   set_alpha_to_one=False, steps_offset=1)
         if shape == "sd15":

@@ -14,7 +14,9 @@ import time
 
 import torch
 
-from rayreward import judge, models, render, shapes
+from rayreward import models, render
+from rayreward.shapes import judge
+from rayreward.shapes import world as shapes
 from rayreward.config import ModelConfig, SamplingConfig
 
 LABELS = ["kind left", "kind middle", "kind right", "colour left", "colour middle", "colour right", "background"]

@@ -28,46 +28,24 @@ import traceback
 from pathlib import Path
 
 
-def _usage_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean: the input is wrong (exit 2)."""
-    from rayreward.config import ConfigError
-    from rayreward.models import LoraFileError, ModelLoadError
-    from rayreward.rewards import RewardLoadError
-    from rayreward.runfolder import CheckpointError, RunFolderBusy
-
-    return (ConfigError, ModelLoadError, RewardLoadError, LoraFileError, CheckpointError, RunFolderBusy,
-            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-
-
-def _run_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message already says what went wrong and what to do (exit 1)."""
-    from rayreward.runtime import ClusterError
-    from rayreward.train import RewardGradientError
-    from rayreward.tune import SweepError
-
-    return (ClusterError, RewardGradientError, SweepError)
-
-
 def explain(e: BaseException) -> tuple[str, int]:
-    """(message, exit code) for an exception that ended a command."""
-    from rayreward.runtime import first_line, root_cause
+    """(message, exit code) for an exception that ended a command, from the two bases of
+    `rayreward.errors` alone: a UsageError is exit 2, a RunError exit 1. A file the user named
+    that the OS refused (missing, a folder, not readable) is a usage error too; another ValueError,
+    KeyError or OSError already says what went wrong (exit 1); anything else is a bug of
+    rayreward's, said as one."""
+    from rayreward.errors import RunError, UsageError, first_line, root_cause
 
     cause, where = root_cause(e)
     prefix = f"{where}: " if where else ""
     if isinstance(cause, OSError) and cause.filename and cause.strerror:  # a file the user named
         return f"{prefix}{cause.filename!r}: {cause.strerror}", 2
-    if isinstance(cause, _usage_errors()):
+    if isinstance(cause, (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return prefix + str(cause), 2
-    if isinstance(cause, _run_errors()) or isinstance(cause, (ValueError, KeyError, OSError)):
+    if isinstance(cause, (RunError, ValueError, KeyError, OSError)):
         return prefix + (str(cause).strip('"') or type(cause).__name__), 1
     return (f"{prefix}{type(cause).__name__}: {first_line(cause)} (unexpected; run with --verbose for the traceback, "
             "and please report it)"), 1
-
-
-def _raise_interrupted(signum, frame):
-    from rayreward.runtime import Interrupted
-
-    raise Interrupted(signum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +76,7 @@ def checked_loras(loras: list) -> list:
     """Every --lora's file exists and holds a LoRA; each gets a unique name (default: the run
     folder of RUN/lora, else the file's stem). All problems at once, before any model loads."""
     from rayreward.config import ConfigError, LoraArg
-    from rayreward.models import lora_file
+    from rayreward.lora_io import lora_file
 
     problems, named = [], []
     for lora in loras:
@@ -154,16 +132,17 @@ def add_common(p: argparse.ArgumentParser, *, config: bool = True, device: bool 
 
 
 def cmd_train(args) -> int:
-    from rayreward import config, runfolder, runtime, train
+    from rayreward import config, driver, runfolder
+    from rayreward.errors import CheckpointError, Interrupted
 
     cfg = config.load(args.config, args.set)  # validated here, before Ray or any model starts
     try:
-        train.fit(cfg)
-    except runtime.Interrupted as e:
+        driver.fit(cfg)
+    except Interrupted as e:
         out = Path(cfg.output_dir).resolve()
         try:
             resume, _ = runfolder.latest_usable(out, cfg.name)
-        except runfolder.CheckpointError:
+        except CheckpointError:
             resume = None
         where = f"from its checkpoint at step {resume.step}" if resume else "from the start (no checkpoint yet)"
         print(f"\n[rayreward] interrupted ({e}); run the same command again to resume {where} "
@@ -183,7 +162,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from rayreward import config, models, render, runtime
+    from rayreward import config, lora_io, models, render, runtime
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
     cfg = config.load(args.config, overrides, training=False)
@@ -193,7 +172,7 @@ def cmd_sample(args) -> int:
                or cfg.grid.prompts or cfg.training_prompts()[:4])
     seeds = args.seeds or cfg.grid.seeds
     c = models.load_components(cfg.model)
-    models.apply_loras(c.unet, [(lora.path, lora.scale) for lora in loras])
+    lora_io.apply_loras(c.unet, [(lora.path, lora.scale) for lora in loras])
     c.to(device)
     images = render.render(c, prompts, seeds, cfg.sampling, cfg.model.resolution, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -289,8 +268,9 @@ def cmd_export(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from rayreward import pretrain
-    from rayreward.config import ConfigError, PretrainConfig
+    from rayreward.errors import ConfigError
+    from rayreward.shapes import pretrain
+    from rayreward.shapes.config import PretrainConfig
     from rayreward.runtime import resolve_device
 
     cfg = PretrainConfig(out=args.out, part=args.part, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
@@ -303,7 +283,7 @@ def cmd_pretrain(args) -> int:
         raise ConfigError([f"--out: {args.out!r} is not empty; pretrain writes a new folder (remove it or choose "
                            "another)"])
     if cfg.part == "judge":
-        from rayreward import judge
+        from rayreward.shapes import judge
 
         if cfg.threads:
             import torch
@@ -418,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     q.add_argument("--part", default="model", choices=["model", "judge"],
                    help="model: the text-to-image pipeline (a diffusers folder); judge: the alignment classifier")
-    from rayreward.config import PretrainConfig as defaults
+    from rayreward.shapes.config import PretrainConfig as defaults
     q.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
     q.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     q.add_argument("--judge-steps", type=int, default=defaults.judge_steps)
@@ -441,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         from rayreward.runtime import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
-    from rayreward.runtime import Interrupted
+    from rayreward.driver import raise_interrupted, shutdown_ray
+    from rayreward.errors import Interrupted
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         return args.fn(args)
     except Interrupted as e:
@@ -460,27 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
-        _shutdown_ray(quiet=not args.verbose)
-
-
-def _shutdown_ray(quiet: bool) -> None:
-    """Stop the local Ray this process started (and with it the run's workers and actors).
-    `quiet`: first stop printing the cluster's log lines; the command's outcome is decided, and
-    Ray's own actors print tracebacks while they are torn down (PlacementGroupCleaner)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return
-    if quiet:
-        try:  # Ray's internal hook for forwarding worker output; without it we only lose the quiet
-            from ray._private.worker import global_worker_stdstream_dispatcher
-
-            global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
-        except Exception:  # noqa: BLE001
-            pass
-    try:
-        ray.shutdown()
-    except Exception:  # noqa: BLE001  (exiting anyway)
-        pass
+        shutdown_ray(quiet=not args.verbose)
 
 
 if __name__ == "__main__":

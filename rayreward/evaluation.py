@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from rayreward import models, render, runtime
+from rayreward import lora_io, models, render, runtime, serving
 from rayreward.config import LoraArg
 
 
@@ -50,7 +50,7 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
     amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
     c = models.load_components(cfg.model)
     for i, lora in enumerate(loras):
-        models.load_lora(c.unet, lora.path, f"eval{i}")
+        lora_io.load_lora(c.unet, lora.path, f"eval{i}")
     if amp is not None:  # nothing trains here: the whole UNet, adapters too, in the compute dtype
         c.unet.to(amp)
     c.to(device, amp)
@@ -85,7 +85,11 @@ def score_variants(cfg, images: dict[str, torch.Tensor], prompts: Sequence[str],
     rows = []
     pairs = [(i, s) for i in range(len(prompts)) for s in seeds]
     bar = tqdm(total=len(images) * len(pairs), desc="[rayreward] eval: scoring", unit="image", dynamic_ncols=True)
-    with runtime.reward_client(cfg, device) as rewards:
+    if cfg.reward_server.mode == "remote":
+        from rayreward import driver
+
+        driver.init_ray()
+    with serving.reward_client(cfg, device) as rewards:
         for name, x in images.items():
             parts: dict[str, list] = {}
             for j in range(0, len(pairs), batch):

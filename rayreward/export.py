@@ -16,19 +16,19 @@ from pathlib import Path
 
 import torch
 
-from rayreward import models
+from rayreward import lora_io, models
 from rayreward.config import ConfigError
 
 FORMATS = ("kohya",)
 
 
 def _alpha(path) -> float:
-    meta = models._lora_metadata(path) or {}
+    meta = lora_io.lora_metadata(path) or {}
     if meta.get("unet.alpha_pattern") or meta.get("unet.rank_pattern"):
-        raise models.LoraFileError(f"LoRA {str(path)!r}: per-module ranks or alphas cannot be exported to kohya's "
+        raise lora_io.LoraFileError(f"LoRA {str(path)!r}: per-module ranks or alphas cannot be exported to kohya's "
                                    "single alpha per module from this file's metadata")
     if "unet.lora_alpha" not in meta:
-        raise models.LoraFileError(f"LoRA {str(path)!r}: its metadata holds no lora_alpha (a file rayreward did not "
+        raise lora_io.LoraFileError(f"LoRA {str(path)!r}: its metadata holds no lora_alpha (a file rayreward did not "
                                    "write?); the kohya layout needs it to keep the update's scale")
     return float(meta["unet.lora_alpha"])
 
@@ -37,13 +37,13 @@ def to_kohya(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     """The kohya-layout tensors and safetensors metadata of a rayreward LoRA file or folder."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    state = {f"unet.{k}": v for k, v in models.read_lora_state(path).items()}
+    state = {f"unet.{k}": v for k, v in lora_io.read_lora_state(path).items()}
     alpha = _alpha(path)
     kohya = convert_state_dict_to_kohya(state)
     kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}
     ranks = sorted({int(v.shape[0]) for k, v in kohya.items() if k.endswith(".lora_down.weight")})
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(ranks[0] if len(ranks) == 1 else ranks),
-            "ss_network_alpha": str(alpha), "rayreward_source": str(models.lora_file(path)),
+            "ss_network_alpha": str(alpha), "rayreward_source": str(lora_io.lora_file(path)),
             "rayreward_format": json.dumps({"format": "kohya", "module_names": "diffusers"})}
     return kohya, meta
 

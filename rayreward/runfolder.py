@@ -10,11 +10,13 @@
 The driver calls `prepare` before Ray or any model starts: it takes the lock, refuses a folder
 that belongs to a run of another name, picks the newest checkpoint that reads back whole
 (falling back past a corrupt one, with a warning), and refuses to resume when the checkpoint
-was trained with another config, unless `train.resume: force`.
+was trained with another config, unless `train.resume: force`. Rank 0 keeps metrics.csv
+(`MetricsLog`) and grid_scores.csv (`write_grid_scores`, `grid_change`) here.
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
@@ -26,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rayreward import config as config_mod
-from rayreward.runtime import first_line
+from rayreward.errors import CheckpointError, RunFolderBusy, first_line
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -42,14 +44,6 @@ FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "
                   "train.vae_checkpointing", "train.resume",
                   "train.start_timeout_s",
                   "reward_server.", "grid.", "log.")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read back; the message names the file."""
-
-
-class RunFolderBusy(RuntimeError):
-    """Another process is running in this output folder."""
 
 
 @dataclass
@@ -68,7 +62,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Resume:
     the broken file. Nothing pickled runs: safetensors, and torch.load(weights_only=True)."""
     import torch
 
-    from rayreward import models
+    from rayreward import lora_io
 
     folder = Path(folder)
     f = folder / STATE_FILE
@@ -79,7 +73,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Resume:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
     try:
-        lora = models.read_lora_state(folder / "lora")
+        lora = lora_io.read_lora_state(folder / "lora")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder / 'lora'}: {e}") from None
     f = folder / OPTIMIZER_FILE
@@ -99,9 +93,9 @@ def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, ski
                      unet_calls: int = 0) -> Path:
     import torch
 
-    from rayreward import models
+    from rayreward import lora_io
 
-    models.save_lora(unet, folder / "lora", flavour)
+    lora_io.save_lora(unet, folder / "lora", flavour)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
     (folder / STATE_FILE).write_text(json.dumps({"step": step, "skipped": skipped, "unet_calls": unet_calls,
                                                      "seed": cfg.train.seed}))
@@ -247,3 +241,76 @@ def prepare(cfg, out: Path) -> Plan:
         warnings.append(f"train.resume=force: resuming at step {resume.step} with changed "
                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     return Plan(resume, warnings, list(broken))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's output files (rank 0): metrics.csv and grid_scores.csv.
+
+
+class MetricsLog:
+    """metrics.csv, appended a row a step; columns are the union of the rows' keys (empty where a
+    row has none). On resume, rows at or past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.rows: list[dict] = []
+        if path.is_file():
+            with path.open() as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
+        self.fields: list[str] = list(dict.fromkeys(k for r in self.rows for k in r))
+        self._rewrite()
+
+    def _rewrite(self):
+        with self.path.open("w", newline="") as f:
+            if self.fields:
+                w = csv.DictWriter(f, fieldnames=self.fields, restval="")
+                w.writeheader()
+                w.writerows(self.rows)
+
+    def append(self, row: dict):
+        self.rows.append(dict(row))
+        if any(k not in self.fields for k in row):
+            self.fields += [k for k in row if k not in self.fields]
+            self._rewrite()
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+
+
+def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> dict[str, float]:
+    """Record each grid image's rewards in grid_scores.csv: one row per (grid, prompt, seed),
+    columns `grid` ("start" or "end"), `prompt`, `seed` and one per reward. Rows of an earlier
+    `label` grid are replaced (a resumed run renders grid_end again); the others are kept.
+    Returns the mean of each reward over this grid's images."""
+    pairs = [(p, s) for p in prompts for s in seeds]  # render()'s row-major order
+    rows = []
+    try:  # an unreadable file or row is replaced: the grids are scored again on every run
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("grid") not in (label, None)]
+    except (OSError, csv.Error, UnicodeDecodeError):
+        rows = []
+    for i, (p, s) in enumerate(pairs):
+        rows.append({"grid": label, "prompt": p, "seed": s, **{k: float(v[i]) for k, v in scores.items()}})
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return {k: float(v.float().mean()) for k, v in scores.items()}
+
+
+def grid_change(path: Path) -> str:
+    """'symmetry -0.0231 -> -0.0125, ...': each reward's mean over the start grid against the end
+    grid (the same prompts and seeds), from grid_scores.csv; "" when either grid is missing."""
+    if not path.is_file():
+        return ""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    names = [k for k in (rows[0] if rows else {}) if k not in ("grid", "prompt", "seed")]
+    means = {}
+    for label in ("start", "end"):
+        mine = [r for r in rows if r["grid"] == label]
+        if not mine:
+            return ""
+        means[label] = {k: sum(float(r[k]) for r in mine) / len(mine) for k in names}
+    return ", ".join(f"{k} {means['start'][k]:+.4f} -> {means['end'][k]:+.4f}" for k in names)

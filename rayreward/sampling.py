@@ -1,6 +1,6 @@
 """One differentiable DDIM sampler; the methods (rayreward/methods.py) are step plans fed to it.
 
-Notation (as in the README's methods table): T sampling steps, counted along the chain as positions n = 1..T (n = 1 is
+Notation (as in the methods table of docs/guide/methods.md): T sampling steps, counted along the chain as positions n = 1..T (n = 1 is
 the first step, from x_T). A DDIM step is
 
     x0_hat(x_t, eps) = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)

@@ -4,9 +4,9 @@ A worker scores through a client with two calls: `client(images, prompts, copies
 rewards, components), with a gradient path to the images, and `client.score_only(images,
 prompts)` -> {component: scores} for evaluation. `LocalReward` computes in this process;
 `RemoteReward` sends the images to `RewardServer` actors. Which one a run uses is decided once,
-from `reward_server.mode`, by `runtime.reward_client`.
+from `reward_server.mode`, by `reward_client`; `RewardClient` types what a worker calls.
 
-The driver starts `RewardServer` actors (`runtime.start_reward_actors`, with their own resources:
+The driver starts `RewardServer` actors (`start_reward_actors`, with their own resources:
 GPUs, or a custom resource that only reward nodes advertise) and passes their handles to the
 training workers. A worker sends
 `images.detach()` and the prompts; the actor computes the loss with its frozen reward, back-
@@ -18,13 +18,31 @@ retried (`max_restarts`, `max_task_retries`). docs/design.md ("Rewards") has the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
+from rayreward import runtime
 from rayreward.config import LossConfig, RewardSpec
+from rayreward.errors import ClusterError, first_line
 from rayreward.rewards.composite import build_composite, reward_and_loss
+
+
+class RewardClient(Protocol):
+    """What a training worker and `eval` call, wherever the reward runs."""
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str],
+                 copies: int = 1) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, rewards, components) of a batch of images in [0, 1], Shape: (B, 3, H, W); the
+        loss has a gradient path to `images`. `copies`: the batch holds that many consecutive
+        re-noised copies of each sample (DRaFT-LV), whose losses are averaged."""
+
+    def score_only(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """{component: scores, Shape: (B,)}, without gradient."""
 
 
 class RewardServer:
@@ -122,3 +140,68 @@ class RemoteReward:
         import ray
 
         return ray.get(self._next().score_only.remote(images.detach().cpu(), list(prompts)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward actors, and the one decision of where rewards run.
+
+
+def start_reward_actors(cfg) -> list:
+    """Start `reward_server.replicas` RewardServer actors with their resources (the driver does);
+    fail within train.start_timeout_s if they cannot be placed or built."""
+    import ray
+
+    rs = cfg.reward_server
+    device = "cuda" if rs.num_gpus > 0 else "cpu"
+    actor = ray.remote(RewardServer).options(
+        num_cpus=rs.num_cpus, num_gpus=rs.num_gpus, resources=dict(rs.resources) or None,
+        max_restarts=rs.max_restarts, max_task_retries=rs.max_restarts, max_concurrency=1)
+    specs = [vars(s) for s in cfg.rewards]
+    fault = os.environ.get(runtime.FAULT_REWARD_CALLS_ENV)
+    actors = [actor.remote(specs, vars(cfg.loss), device, int(fault) if fault and i == 0 else None)
+              for i in range(rs.replicas)]
+    try:
+        ray.get([a.pid.remote() for a in actors], timeout=cfg.train.start_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        raise ClusterError(f"the reward actors did not start within train.start_timeout_s={cfg.train.start_timeout_s:g} s "
+                           f"(each asks for {rs.num_cpus:g} CPU, {rs.num_gpus:g} GPU, {dict(rs.resources)}); see "
+                           "`ray status`") from None
+    return actors
+
+
+def stop_reward_actors(actors: list, record: Path | None = None) -> None:
+    """End the reward actors; with `record`, first write their state (restarts) there as JSON."""
+    import ray
+
+    if record is not None:
+        try:
+            states = ray.get([a.info.remote() for a in actors], timeout=30)
+        except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
+            states = [{"error": f"{type(e).__name__}: {first_line(e)}"}]
+        record.write_text(json.dumps(states, indent=1))
+        for i, st in enumerate(states):
+            if st.get("restarted"):
+                print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)
+    for a in actors:
+        ray.kill(a)
+
+
+@contextlib.contextmanager
+def reward_client(cfg, device, rank: int = 0, actors: list | None = None) -> Iterator[RewardClient]:
+    """The one decision of where rewards run, from `reward_server.mode`: "local", in this process
+    on `device`; "remote", in reward actors: `actors` (started by the driver), else actors started
+    here and ended on exit (an in-process run, or `eval` after `driver.init_ray`; without a Ray
+    yet, Ray starts a local one on the first actor). Yields a LocalReward or a RemoteReward."""
+    if cfg.reward_server.mode == "local":
+        yield LocalReward(cfg.rewards, cfg.loss, device)
+        return
+    if actors:
+        yield RemoteReward(actors, rank)
+        return
+    own = start_reward_actors(cfg)
+    try:
+        yield RemoteReward(own, rank)
+    finally:
+        stop_reward_actors(own)

@@ -1,4 +1,5 @@
-"""The training loop: one function per worker, run by Ray Train (or in-process in tests).
+"""The training loop: one function per worker, run by Ray Train (`driver.train_loop_per_worker`) or
+in-process in tests and benchmarks.
 
 Each step: pick prompts and x_T -> draw the method's step plan -> sample (gradient only where the
 plan says) -> decode -> reward -> loss -> backward -> clip -> guarded AdamW step -> log ->
@@ -9,14 +10,9 @@ and N workers x B samples compute what 1 worker x N*B samples does (docs/design.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import logging
-import math
 import os
-import signal
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,53 +20,15 @@ from typing import Callable
 
 import torch
 
-from rayreward import config as config_mod
-from rayreward import card, methods, models, render, runfolder, runtime, sampling, tracking
-from rayreward.runfolder import Resume, read_checkpoint, write_checkpoint
+from rayreward import config as config_mod, lora_io
+from rayreward import card, methods, models, render, runfolder, runtime, sampling, serving, tracking
+from rayreward.errors import RewardGradientError
+from rayreward.runfolder import Resume, write_checkpoint
 
 
 
 # ---------------------------------------------------------------------------------------------
 # Small pure pieces.
-
-
-def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> dict[str, float]:
-    """Record each grid image's rewards in grid_scores.csv: one row per (grid, prompt, seed),
-    columns `grid` ("start" or "end"), `prompt`, `seed` and one per reward. Rows of an earlier
-    `label` grid are replaced (a resumed run renders grid_end again); the others are kept.
-    Returns the mean of each reward over this grid's images."""
-    pairs = [(p, s) for p in prompts for s in seeds]  # render()'s row-major order
-    rows = []
-    try:  # an unreadable file or row is replaced: the grids are scored again on every run
-        with path.open() as f:
-            rows = [r for r in csv.DictReader(f) if r.get("grid") not in (label, None)]
-    except (OSError, csv.Error, UnicodeDecodeError):
-        rows = []
-    for i, (p, s) in enumerate(pairs):
-        rows.append({"grid": label, "prompt": p, "seed": s, **{k: float(v[i]) for k, v in scores.items()}})
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
-        w.writeheader()
-        w.writerows(rows)
-    return {k: float(v.float().mean()) for k, v in scores.items()}
-
-
-def grid_change(path: Path) -> str:
-    """'symmetry -0.0231 -> -0.0125, ...': each reward's mean over the start grid against the end
-    grid (the same prompts and seeds), from grid_scores.csv; "" when either grid is missing."""
-    if not path.is_file():
-        return ""
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    names = [k for k in (rows[0] if rows else {}) if k not in ("grid", "prompt", "seed")]
-    means = {}
-    for label in ("start", "end"):
-        mine = [r for r in rows if r["grid"] == label]
-        if not mine:
-            return ""
-        means[label] = {k: sum(float(r[k]) for r in mine) / len(mine) for k in names}
-    return ", ".join(f"{k} {means['start'][k]:+.4f} -> {means['end'][k]:+.4f}" for k in names)
 
 
 def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, loss: torch.Tensor | float,
@@ -92,41 +50,26 @@ def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimi
 
 
 # ---------------------------------------------------------------------------------------------
-# Output files (rank 0).
-
-
-class MetricsLog:
-    """metrics.csv, appended a row a step; columns are the union of the rows' keys (empty where a
-    row has none). On resume, rows at or past the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        self.rows: list[dict] = []
-        if path.is_file():
-            with path.open() as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) < resume_step]
-        self.fields: list[str] = list(dict.fromkeys(k for r in self.rows for k in r))
-        self._rewrite()
-
-    def _rewrite(self):
-        with self.path.open("w", newline="") as f:
-            if self.fields:
-                w = csv.DictWriter(f, fieldnames=self.fields, restval="")
-                w.writeheader()
-                w.writerows(self.rows)
-
-    def append(self, row: dict):
-        self.rows.append(dict(row))
-        if any(k not in self.fields for k in row):
-            self.fields += [k for k in row if k not in self.fields]
-            self._rewrite()
-        else:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
+
+
+def backward_checked(loss: torch.Tensor, images: torch.Tensor, cfg: config_mod.Config) -> None:
+    """The backward of the first step that trains anything, checking that the reward can train:
+    the loss depends on the images and, for the linear loss, its gradient with respect to them is
+    not zero (a saturated hinge may legitimately give zero). Raises RewardGradientError."""
+    def no_gradient(what: str) -> RewardGradientError:
+        names = ", ".join(s.name for s in cfg.rewards)
+        return RewardGradientError(
+            f"reward {names}: {what}, so training would change nothing. A reward must be computed from `images` "
+            "with differentiable torch ops (no .detach(), .item(), numpy or PIL, and not under torch.no_grad()).")
+
+    if not loss.requires_grad:
+        raise no_gradient("the loss does not depend on the images (no gradient path)")
+    images.retain_grad()
+    loss.backward()
+    g = images.grad
+    if cfg.loss.kind == "linear" and (g is None or not bool(g.abs().sum() > 0)):
+        raise no_gradient("its gradient with respect to the images is zero on the first step")
 
 
 def _seed(*parts) -> int:
@@ -204,10 +147,6 @@ class StepStats:
         return StepStats(*v[:4], parts=dict(zip(self.parts, v[4:])))
 
 
-class RewardGradientError(RuntimeError):
-    """The reward does not depend on the images: training could change nothing."""
-
-
 @dataclass
 class StepTimes:
     """Where one step's time went on this worker (seconds, perf_counter)."""
@@ -219,7 +158,7 @@ class StepTimes:
 
 class Worker:
     """What one worker holds for a run: models with the LoRA, optimizer, gradient sync, the
-    reward client (in-process or remote, chosen by runtime.reward_client) and the schedule."""
+    reward client (in-process or remote, chosen by serving.reward_client) and the schedule."""
 
     cfg: config_mod.Config
     device: torch.device
@@ -262,7 +201,7 @@ class Worker:
     def restore(self, resume: Resume):
         """LoRA and AdamW moments from a checkpoint; the hyper-parameters are this config's (the
         optimizer state would otherwise bring back the learning rate it was saved with)."""
-        models.load_lora_weights_into(self.c.unet, resume.lora_state, what=f"checkpoint {resume.folder}")
+        lora_io.load_lora_weights_into(self.c.unet, resume.lora_state, what=f"checkpoint {resume.folder}")
         self.optimizer.load_state_dict(resume.optimizer_state)
         o = self.cfg.optim
         for group in self.optimizer.param_groups:
@@ -305,18 +244,11 @@ class Worker:
         t_reward = time.perf_counter()
         # 4. backward (none when no grad-carrying step ran, e.g. DRTune's K steps all after the
         #    early stop); average gradients and statistics over workers
-        check = not self._reward_checked and images.requires_grad  # the first step that trains anything
-        if check:
-            if not loss.requires_grad:
-                raise self._no_gradient("the loss does not depend on the images (no gradient path)")
-            images.retain_grad()
-        if loss.requires_grad:
-            loss.backward()
-        if check:
+        if not self._reward_checked and images.requires_grad:  # the first step that trains anything
+            backward_checked(loss, images, cfg)
             self._reward_checked = True
-            g = images.grad  # a saturated hinge may legitimately give zero: only the linear loss is checked
-            if self.cfg.loss.kind == "linear" and (g is None or not bool(g.abs().sum() > 0)):
-                raise self._no_gradient("its gradient with respect to the images is zero on the first step")
+        elif loss.requires_grad:
+            loss.backward()
         # one device-to-host transfer for all the statistics
         values = torch.stack([loss.detach().float(), r.detach().float().mean(), r.detach().float().pow(2).mean(),
                               *[v.detach().float().mean() for v in parts.values()]]).cpu().tolist()
@@ -324,12 +256,6 @@ class Worker:
                           parts=dict(zip(parts, values[3:])))
         stats = self.sync.average(stats)
         return stats, StepTimes(t0, t_sample - t0, t_reward - t_sample), res
-
-    def _no_gradient(self, what: str) -> "RewardGradientError":
-        names = ", ".join(s.name for s in self.cfg.rewards)
-        return RewardGradientError(
-            f"reward {names}: {what}, so training would change nothing. A reward must be computed from `images` "
-            "with differentiable torch ops (no .detach(), .item(), numpy or PIL, and not under torch.no_grad()).")
 
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns its metrics row (averaged over workers)."""
@@ -368,7 +294,8 @@ class Worker:
         render.save_grid(images, prompts, seeds, out / f"grid_{label}.png")
         print(f"[rayreward] {label} grid: {len(images)} images in {time.perf_counter() - t0:.1f} s", flush=True)
         scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
-        return out / f"grid_{label}.png", write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
+        means = runfolder.write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
+        return out / f"grid_{label}.png", means
 
     def warm_up(self) -> float:
         """Compile the UNet's graphs for this run's shapes before the first step (train.compile):
@@ -401,7 +328,7 @@ def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", 
     called on every worker the same number of times (every step; with a folder on checkpoint
     steps, rank 0 only). Rewards run where `reward_server.mode` says: with "remote", in
     `reward_actors` (the driver's), else in actors started for this call."""
-    with runtime.reward_client(cfg, torch.device(device), rank, reward_actors) as score:
+    with serving.reward_client(cfg, torch.device(device), rank, reward_actors) as score:
         return _train(cfg, Worker(cfg, torch.device(device), score, rank, world), resume or Resume(), report)
 
 
@@ -411,77 +338,122 @@ def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
 
 
 def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: tracking.Trackers) -> dict:
-    out, rank, world = Path(cfg.output_dir), w.rank, w.world
+    """Steps resume.step .. train.steps - 1 (or until train.max_unet_calls), top to bottom:
+    restore -> open the run folder (rank 0) -> compile warm-up -> per step: train, tally, check the
+    workers agree, log, report (with a checkpoint on checkpoint steps) -> finish (rank 0)."""
+    out, main = Path(cfg.output_dir), w.rank == 0
+    # 1. the LoRA and optimizer from the checkpoint; every worker starts from rank 0's weights
     if resume.lora_state is not None:
         w.restore(resume)
     w.sync.broadcast_from_rank0()
     grid_prompts = cfg.grid.prompts or w.prompts[:4]
-    main = rank == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        config_mod.dump(cfg, out / "config.yaml")  # what `rayreward report` reads back
-        log = MetricsLog(out / "metrics.csv", resume.step)
-        if resume.step:
-            print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
-                  + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
-        else:
-            trackers.log_grid("start", *w.save_grid(grid_prompts, "start"), step=0)
-        print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
-              f"{world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
-              f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
-    skipped, calls, row, recent = resume.skipped, resume.unet_calls, {}, []
-    fault_at = runtime.fault_step() if rank == 0 else None  # tests only
-    s_compile = w.warm_up() if not finished(cfg, resume.step, calls) else 0.0  # 0 without train.compile
+    log = _open_run_folder(cfg, w, resume, trackers, grid_prompts) if main else None
+    # 2. compile before the first step (train.compile), timed apart from the steps
+    tally = Tally(resume.skipped, resume.unet_calls)
+    s_compile = w.warm_up() if not finished(cfg, resume.step, tally.calls) else 0.0  # 0 without train.compile
     if main and s_compile:
         print(f"[rayreward] torch.compile ({cfg.train.compile}): {s_compile:.1f} s, once per worker; not in s/step",
               flush=True)
+    fault_at = runtime.fault_step() if main else None  # tests only
+    row: dict = {}
     for step in range(resume.step, cfg.train.steps):
-        if finished(cfg, step, calls):  # the call budget, reached before a resume
+        if finished(cfg, step, tally.calls):  # the call budget, reached before a resume
             break
         if step == fault_at:
             _inject_fault(step, out)
-        row = w.train_step(step)
+        # 3. one optimizer step, and the run's running totals in its row
+        row = tally.add(w.train_step(step))
         if step == resume.step and s_compile:
             row["s_compile"] = s_compile
-        skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
-        row["skipped_total"] = skipped
-        calls += row["unet_calls"]
-        row["unet_calls_total"] = calls
-        recent = (recent + [row["reward_mean"]])[-5:]
-        row["reward_smooth"] = sum(recent) / len(recent)  # what sweeps rank and stop trials on
-        last = finished(cfg, step + 1, calls)
-        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or last
+        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or finished(cfg, step + 1, tally.calls)
         if checkpoint_now:
-            row["lora_divergence"] = w.sync.max_divergence()  # every worker takes part
-            scale = max(1.0, float(sum(p.detach().abs().sum() for p in w.params)))
-            if not row["lora_divergence"] < 1e-6 * scale:  # a real check, not an assert: `python -O` keeps it
-                raise RuntimeError(f"workers' LoRA weights diverged ({row['lora_divergence']:.3g} at step {step}): "
-                                   "the gradient sync is broken; please report it with metrics.csv")
+            row["lora_divergence"] = _check_in_sync(w, step)  # every worker takes part
+        # 4. rank 0 logs the row; every worker reports it, with a checkpoint on checkpoint steps
         if main:
             log.append(row)
             trackers.log_row(row)
             print(progress_line(row, cfg.train.steps), flush=True)
             if checkpoint_now:
                 render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
-        if report is None:
-            continue
-        if main and checkpoint_now:  # staged in a temporary folder that Ray copies to storage
-            with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
-                report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, skipped, cfg,
-                                             calls))
-        else:
-            report(row, None)
+        if report is not None:
+            _report(report, row, w, step, tally, cfg, checkpoint=main and checkpoint_now)
     if main:
-        models.save_lora(w.c.unet, out / "lora", w.c.flavour)  # first: nothing after it can lose the LoRA
-        trackers.log_grid("end", *w.save_grid(grid_prompts, "end"), step=int(row.get("step", resume.step - 1)) + 1)
-        change = grid_change(out / "grid_scores.csv")
-        if change:
-            print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
-                  f"start -> end: {change}", flush=True)
-        card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
-        trackers.log_lora(out / "lora")
-        render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
+        _finish(cfg, w, row, resume, trackers, grid_prompts)
     return row
+
+
+@dataclass
+class Tally:
+    """A run's running totals, kept in each row: skipped (non-finite) steps, UNet calls per sample,
+    and the reward smoothed over the last 5 steps (what sweeps rank and stop trials on)."""
+
+    skipped: int = 0
+    calls: int = 0
+    recent: list[float] = field(default_factory=list)
+
+    def add(self, row: dict) -> dict:
+        self.skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
+        self.calls += row["unet_calls"]
+        self.recent = (self.recent + [row["reward_mean"]])[-5:]
+        return {**row, "skipped_total": self.skipped, "unet_calls_total": self.calls,
+                "reward_smooth": sum(self.recent) / len(self.recent)}
+
+
+def _open_run_folder(cfg: config_mod.Config, w: Worker, resume: Resume, trackers: tracking.Trackers,
+                     grid_prompts: list[str]) -> runfolder.MetricsLog:
+    """Rank 0, before the first step: config.yaml (what `rayreward report` reads back), metrics.csv
+    cut back to the checkpoint's step, the start grid on a fresh run, and the run's line."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_mod.dump(cfg, out / "config.yaml")
+    log = runfolder.MetricsLog(out / "metrics.csv", resume.step)
+    if resume.step:
+        print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
+              + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
+    else:
+        trackers.log_grid("start", *w.save_grid(grid_prompts, "start"), step=0)
+    print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
+          f"{w.world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
+          f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
+    return log
+
+
+def _check_in_sync(w: Worker, step: int) -> float:
+    """The largest difference of the LoRA weights between workers; raises when they diverged (a
+    real check, not an assert: `python -O` keeps it)."""
+    divergence = w.sync.max_divergence()
+    scale = max(1.0, float(sum(p.detach().abs().sum() for p in w.params)))
+    if not divergence < 1e-6 * scale:
+        raise RuntimeError(f"workers' LoRA weights diverged ({divergence:.3g} at step {step}): "
+                           "the gradient sync is broken; please report it with metrics.csv")
+    return divergence
+
+
+def _report(report, row: dict, w: Worker, step: int, tally: Tally, cfg: config_mod.Config, checkpoint: bool) -> None:
+    """Report the row to Ray Train; with `checkpoint` (rank 0 on checkpoint steps), a checkpoint
+    staged in a temporary folder that Ray copies to the run's storage."""
+    if not checkpoint:
+        report(row, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
+        report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, tally.skipped, cfg,
+                                     tally.calls))
+
+
+def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, trackers: tracking.Trackers,
+            grid_prompts: list[str]) -> None:
+    """Rank 0, after the last step: the final LoRA (first: nothing after it can lose it), the end
+    grid and its change against the start grid, the model card, the trackers, the curve."""
+    out = Path(cfg.output_dir)
+    lora_io.save_lora(w.c.unet, out / "lora", w.c.flavour)
+    trackers.log_grid("end", *w.save_grid(grid_prompts, "end"), step=int(row.get("step", resume.step - 1)) + 1)
+    change = runfolder.grid_change(out / "grid_scores.csv")
+    if change:
+        print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
+              f"start -> end: {change}", flush=True)
+    card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
+    trackers.log_lora(out / "lora")
+    render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
 
 
 def finished(cfg: config_mod.Config, steps_done: int, calls_done: int) -> bool:
@@ -508,137 +480,3 @@ def _inject_fault(step: int, out: Path) -> None:
         marker.touch()
         print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
         os._exit(1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Ray Train.
-
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: everything arrives through `loop_config` (the Config as a dict, the reward
-    actors' handles when rewards are remote, and the checkpoint the driver chose to resume)."""
-    import ray.train
-    import ray.train.torch
-
-    # Ray Train logs every report at INFO through a logger named by its file path, which
-    # LoggingConfig's ray.train filter misses; our progress line already says the same.
-    logging.getLogger().setLevel(logging.WARNING)
-    if not os.environ.get(runtime.VERBOSE_ENV):  # the driver says the error in one line; --verbose: the traceback too
-        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
-    cfg = config_mod.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()  # [1] who am I: rank and world size (gloo/nccl group is up)
-    # [2] where to start: the newer of Ray's latest checkpoint (after a worker-group restart, this
-    # run's newest) and the driver's pick (the newest readable on disk: Ray's latest may be broken,
-    # or older than one written just before a kill and never registered with Ray)
-    candidates = []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None and Path(ckpt.path).name not in loop_config.get("skip_checkpoints", ()):
-        with ckpt.as_directory() as d:
-            candidates.append(read_checkpoint(d))
-    if loop_config.get("resume_from"):
-        candidates.append(read_checkpoint(loop_config["resume_from"]))
-    resume = max(candidates, key=lambda r: r.step, default=None)
-
-    def report(row: dict, folder: Path | None) -> None:  # [3] every worker, every step
-        metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        checkpoint = None if folder is None else ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":  # as many threads as CPUs reserved: workers sharing a node do not oversubscribe it
-        torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))  # rounded: a Tune trial's 1.99 is 2
-    run_training(cfg, device=device, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                 resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
-
-
-def prepare_run(cfg: config_mod.Config) -> config_mod.Config:
-    """The config the workers get: a copy, with output_dir absolute and the prompts read here
-    (the workers may not see the driver's files). The caller's config is left as it was."""
-    run = config_mod.from_dict(cfg.to_dict())
-    run.output_dir = str(Path(cfg.output_dir).resolve())
-    run.prompts, run.prompt_file = cfg.training_prompts(), None
-    return run
-
-
-def fit(cfg: config_mod.Config, callbacks: list | None = None):
-    """Driver: lock the output folder, check what it holds and what to resume, join or start Ray,
-    wait (bounded) for the resources, start the reward actors, run the TorchTrainer, return its
-    Result. `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg = prepare_run(cfg)
-    tracking.resolve(cfg)  # the MLflow URI and W&B mode from the driver's environment
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK):
-            raise PermissionError(13, "not writable", str(out))
-    except OSError as e:
-        raise config_mod.ConfigError([f"output_dir: cannot write to {str(out)!r} ({e.strerror}); choose a folder "
-                                      "you can write"]) from None
-    with runfolder.RunLock(out):
-        plan = runfolder.prepare(cfg, out)  # refuses another run's folder or a changed config
-        for w in plan.warnings:
-            print(f"[rayreward] warning: {w}", flush=True)
-        if cfg.model.name in config_mod.TINY_MODELS:
-            models.resolve_source(cfg.model)  # build the tiny model's cache once, before the workers start
-        if any("tiny" in (s.args.get("model"), s.args.get("processor")) for s in cfg.rewards):
-            from rayreward.rewards.clip import tiny_clip_dir
-
-            tiny_clip_dir()
-        fixed = runtime.init_ray(own="bare")
-        runtime.check_resources(cfg, ray.cluster_resources(), fixed)
-        runtime.wait_for_resources(cfg)
-        runtime.shorten_report_poll()
-        actors = runtime.start_reward_actors(cfg) if cfg.reward_server.mode == "remote" else None
-        stop: list[int] = []
-
-        class Trainer(TorchTrainer):
-            def _register_sigint_handler(self, controller):
-                """Ray Train's hook (main thread only) just before it blocks on the run: SIGINT
-                and SIGTERM alike ask the controller to abort, which stops the workers between
-                reports, so every checkpoint on disk is whole; fit then returns here."""
-                def abort(signum, frame):
-                    if stop:  # a second signal: stop waiting for the graceful abort
-                        raise runtime.Interrupted(signum)
-                    stop.append(signum)
-                    print(f"\n[rayreward] {signal.Signals(signum).name}: stopping the run...", flush=True)
-                    controller.abort.remote()
-
-                signal.signal(signal.SIGINT, abort)
-                signal.signal(signal.SIGTERM, abort)
-
-        trainer = Trainer(
-            train_loop_per_worker,
-            train_loop_config={"config": cfg.to_dict(), "reward_actors": actors,
-                               "resume_from": plan.resume.folder if plan.resume else None,
-                               "skip_checkpoints": plan.skip},
-            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                         resources_per_worker=runtime.worker_resources(cfg)),
-            run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                 worker_runtime_env={"env_vars": runtime.worker_env()}, callbacks=callbacks or [],
-                                 logging_config=LoggingConfig(log_level="WARNING")),  # our progress line is enough
-        )
-        main = threading.current_thread() is threading.main_thread()  # not in a Tune trial
-        handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) if main else None
-        if main:
-            print(f"[rayreward] starting {cfg.train.num_workers} Ray Train worker(s) "
-                  f"({'GPU' if cfg.train.use_gpu else 'CPU'}); each loads the model", flush=True)
-        try:
-            result = trainer.fit()
-        except Exception:
-            if not stop:
-                raise
-        finally:
-            if handlers:
-                signal.signal(signal.SIGINT, handlers[0])
-                signal.signal(signal.SIGTERM, handlers[1])
-            if actors:
-                runtime.stop_reward_actors(actors, record=out / "reward_servers.json")
-        if stop:
-            raise runtime.Interrupted(stop[0])
-        return result

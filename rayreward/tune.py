@@ -33,14 +33,11 @@ from typing import Any
 import yaml
 
 from rayreward import config as config_mod
+from rayreward.errors import SweepError, first_line, root_cause
 
 SPACES = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "none")
 DRIVER_CPU = 0.01  # what a trial's driver function reserves
-
-
-class SweepError(RuntimeError):
-    """Every trial of a sweep failed."""
 
 
 @dataclass
@@ -180,13 +177,13 @@ def _trial(params: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rayreward import train
+    from rayreward import driver
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(params["base"], params["search"], str(Path(params["sweep_dir"]) / "trials" / trial_id),
                        f"{params['sweep_name']}-{trial_id}")
     _give_driver_its_share(cfg)
-    result = train.fit(cfg, callbacks=[TuneReportCallback()])
+    result = driver.fit(cfg, callbacks=[TuneReportCallback()])
     if result.error is not None:
         raise result.error
 
@@ -321,7 +318,7 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from rayreward import runtime
+    from rayreward import driver, runtime
 
     out = Path(sweep.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +326,7 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
         from rayreward import models
 
         models.resolve_source(config_mod.from_dict(sweep.base).model)  # build the tiny cache once
-    fixed = runtime.init_ray(own="drop")  # the trials bar stands for the trials' step lines
+    fixed = driver.init_ray(own="drop")  # the trials bar stands for the trials' step lines
     n = concurrency(sweep, ray.cluster_resources(), fixed)
     steps = int(sweep.base["train"]["steps"])
     scheduler = None
@@ -373,7 +370,6 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
     df.to_csv(out / "results.csv", index=False)
     failed = [r for r in grid if r.error]
     if failed:
-        from rayreward.runtime import first_line, root_cause
 
         cause, _ = root_cause(failed[0].error)
         text = f"{type(cause).__name__}: {first_line(cause)}"

@@ -27,7 +27,7 @@ def quick_cfg(out: Path, *overrides: str):
 
 
 def make_worker(cfg, device: str = "cpu", rank: int = 0, world: int = 1):
-    """A training Worker scoring in-process (what runtime.reward_client gives for mode local)."""
+    """A training Worker scoring in-process (what serving.reward_client gives for mode local)."""
     from rayreward import serving, train
 
     return train.Worker(cfg, torch.device(device), serving.LocalReward(cfg.rewards, cfg.loss, device), rank, world)

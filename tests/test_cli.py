@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rayreward import cli, config, models
+from rayreward import cli, config, lora_io, models
 
 from helpers import ROOT
 
@@ -20,7 +20,7 @@ def lora(tmp_path_factory):
     with torch.no_grad():
         for p in models.add_lora(c.unet, config.LoraConfig()):
             p.add_(0.3)
-    models.save_lora(c.unet, out / "lora", c.flavour)
+    lora_io.save_lora(c.unet, out / "lora", c.flavour)
     return out / "lora"
 
 

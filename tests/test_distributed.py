@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rayreward import config, models, runtime, serving, train
+from rayreward import config, driver, lora_io, models, runfolder, runtime, serving, train
 
 from helpers import quick_cfg, rows
 
@@ -22,15 +22,15 @@ def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ra
     # eta = 0.5: every step draws noise, per global sample.
     steps = ["train.steps=6", "train.checkpoint_every=3", "optim.eps=1e-6", "sampling.eta=0.5", *method]
     two = quick_cfg(tmp_path / "two", "train.num_workers=2", "train.batch_size=2", *steps)
-    result = train.fit(two)
+    result = driver.fit(two)
     assert result.error is None
     log = rows(tmp_path / "two/metrics.csv")
     assert [float(r["lora_divergence"]) for r in log if r["lora_divergence"]] == [0.0, 0.0]  # both workers alike
 
     one = quick_cfg(tmp_path / "one", "train.num_workers=1", "train.batch_size=4", *steps)
     train.run_training(one)  # one worker, the union of both workers' batches
-    a = load_file(tmp_path / "two/lora" / models.LORA_WEIGHT_NAME)
-    b = load_file(tmp_path / "one/lora" / models.LORA_WEIGHT_NAME)
+    a = load_file(tmp_path / "two/lora" / lora_io.LORA_WEIGHT_NAME)
+    b = load_file(tmp_path / "one/lora" / lora_io.LORA_WEIGHT_NAME)
     assert a.keys() == b.keys()
     moved = max(float(v.abs().max()) for k, v in b.items() if "lora_B" in k)
     assert moved > 1e-3  # training did change the LoRA
@@ -52,7 +52,7 @@ def test_remote_reward_gives_the_same_loss_and_gradient(tmp_path, ray_session):
     """Same batch, in-process vs a reward actor: equal loss and LoRA gradient (rtol 1e-5)."""
     cfg = quick_cfg(tmp_path, "rewards=[{name: symmetry, weight: 1.0}, {name: brightness, weight: 0.5}]",
                   "loss.kind=hinge", "loss.margin=1.0", "reward_server.mode=remote", "reward_server.replicas=2")
-    actors = runtime.start_reward_actors(cfg)
+    actors = serving.start_reward_actors(cfg)
     try:
         local = train.Worker(cfg, torch.device("cpu"), serving.LocalReward(cfg.rewards, cfg.loss, "cpu"))
         remote = train.Worker(cfg, torch.device("cpu"), serving.RemoteReward(actors))
@@ -72,17 +72,17 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(tmp_path, ray_session,
     monkeypatch.setenv(runtime.FAULT_STEP_ENV, "3")  # worker 0 exits at step 3 (a test hook, not config)
     cfg = quick_cfg(tmp_path, "train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
                   "train.max_failures=1")
-    result = train.fit(cfg)
+    result = driver.fit(cfg)
     assert result.error is None
     assert (tmp_path / ".fault-injected-at-step-3").exists()  # the worker did die
     assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
-    assert train.read_checkpoint(result.checkpoint.path).step == 6
+    assert runfolder.read_checkpoint(result.checkpoint.path).step == 6
 
 
 def test_a_killed_reward_actor_is_restarted_and_training_finishes(tmp_path, ray_session, monkeypatch):
     monkeypatch.setenv(runtime.FAULT_REWARD_CALLS_ENV, "2")  # reward actor 0 exits after 2 calls
     cfg = quick_cfg(tmp_path, "train.steps=4", "train.batch_size=2", "reward_server.mode=remote")
-    result = train.fit(cfg)
+    result = driver.fit(cfg)
     assert result.error is None
     assert [int(r["step"]) for r in rows(tmp_path / "metrics.csv")] == [0, 1, 2, 3]
     (state,) = json.loads((tmp_path / "reward_servers.json").read_text())

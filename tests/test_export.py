@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from rayreward import cli, config, export, models
+from rayreward import cli, config, export, lora_io, models
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]  # attention and convolutions
 
@@ -18,7 +18,7 @@ def trained_like(name: str, folder, rank: int = 4, alpha: float = 2.0):
     with torch.no_grad():
         for p in params:
             p.add_(0.2 * torch.randn(p.shape, generator=g))
-    models.save_lora(c.unet, folder, c.flavour)
+    lora_io.save_lora(c.unet, folder, c.flavour)
     return models.resolve_source(config.ModelConfig(name=name))
 
 
@@ -40,11 +40,11 @@ def test_a_kohya_export_gives_the_same_images_in_a_stock_pipeline(name, tmp_path
     kohya = images(source, tmp_path / "ui", weight_name="mine.safetensors")
     assert (ours - images(source)).abs().max() > 1e-2  # the LoRA does change the images
     assert torch.allclose(kohya, ours, atol=1e-5), (kohya - ours).abs().max()
-    # what the converter alone writes (alpha = rank: twice this LoRA's scale) does not (the README's 0.21 and 0.16)
+    # what the converter alone writes (alpha = rank: twice this LoRA's scale) does not (docs/guide/lora.md's 0.21 and 0.16)
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    raw = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in models.read_lora_state(tmp_path / "lora").items()})
+    raw = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in lora_io.read_lora_state(tmp_path / "lora").items()})
     save_file(raw, str(tmp_path / "ui" / "raw.safetensors"))
     assert (images(source, tmp_path / "ui", weight_name="raw.safetensors") - ours).abs().max() > 0.05  # 0.21, 0.16
 
@@ -57,7 +57,7 @@ def test_the_kohya_file_reads_back_to_the_same_weights_and_alpha(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     back, alphas = StableDiffusionPipeline.lora_state_dict(str(out))  # diffusers' own kohya reader
-    ours = models.read_lora_state(tmp_path / "lora")
+    ours = lora_io.read_lora_state(tmp_path / "lora")
     from diffusers.utils import convert_unet_state_dict_to_peft  # its older naming -> peft's
 
     converted = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in back.items()})

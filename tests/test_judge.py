@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from rayreward import judge, pretrain, shapes
+from rayreward.shapes import judge, pretrain
+from rayreward.shapes import world as shapes
 from rayreward.rewards import build_reward
 
 

@@ -1,5 +1,5 @@
-"""The shape of the package: no import loops, a light config, one home per method and reward, and
-a README layout that matches the tree."""
+"""The shape of the package: no import loops, a light config, one home per method and reward, a
+README layout that matches the tree, and documentation whose links resolve."""
 
 import ast
 import re
@@ -132,3 +132,47 @@ def test_the_readme_layout_lists_every_module():
     listed = set(re.findall(r"^(rayreward/\S+\.py)", layout, flags=re.M))
     files = {str(p.relative_to(ROOT)) for p in PKG.rglob("*.py") if p.name != "__init__.py" or p.parent != PKG}
     assert listed == files, (sorted(files - listed), sorted(listed - files))
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def doc_links(page: Path) -> list[tuple[str, Path]]:
+    """(the link as written, the file it points at) for each relative link of a Markdown page."""
+    out = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            continue  # a URL or an anchor in the same page
+        out.append((target, (page.parent / target.split("#", 1)[0]).resolve()))
+    return out
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    broken = [f"{p.relative_to(ROOT)}: {t}" for p in pages for t, f in doc_links(p) if not f.exists()]
+    assert broken == []
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    seen, todo = set(), [(ROOT / "README.md").resolve()]
+    while todo:
+        page = todo.pop()
+        if page in seen or page.suffix != ".md" or not page.is_file():
+            continue
+        seen.add(page)
+        todo += [f for _, f in doc_links(page)]
+    pages = {p.resolve() for p in (ROOT / "docs").rglob("*.md")}
+    assert sorted(str(p.relative_to(ROOT)) for p in pages - seen) == []
+
+
+def test_the_link_checker_finds_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("[ok](page.md) [gone](nowhere.md#x) [web](https://example.org) [here](#top)")
+    assert [(t, f.exists()) for t, f in doc_links(page)] == [("page.md", True), ("nowhere.md#x", False)]
+
+
+def test_the_readme_stays_short_and_carries_no_suite_figures():
+    """A newcomer reads it in minutes; figures that change with every commit stay out of it."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    assert not re.search(r"\d+ passed|\d+ min \d+ s", readme)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from rayreward import methods, models, sampling
+from rayreward import lora_io, methods, models, sampling
 from rayreward.config import LoraConfig, ModelConfig
 
 
@@ -55,7 +55,7 @@ def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, targets, tmp
     c = models.load_components(ModelConfig(name=name))
     params = models.add_lora(c.unet, LoraConfig(rank=4, alpha=2.0, target_modules=targets))  # alpha != rank
     _perturb(params, 0)
-    models.save_lora(c.unet, tmp_path / "lora", c.flavour)
+    lora_io.save_lora(c.unet, tmp_path / "lora", c.flavour)
     prompts, seeds = ["a cat", "a dog"], [0, 1]
     cond = models.encode_prompts(c, prompts, "", 32, "cpu")
     x_T = models.initial_noise(seeds, c, 32, "cpu")
@@ -70,7 +70,7 @@ def test_saved_lora_gives_the_same_images_in_a_stock_pipeline(name, targets, tmp
     from safetensors.torch import load_file
 
     placed = get_peft_model_state_dict(pipe.unet, adapter_name="default_0")
-    assert len(placed) == len(load_file(tmp_path / "lora" / models.LORA_WEIGHT_NAME))  # every saved tensor used
+    assert len(placed) == len(load_file(tmp_path / "lora" / lora_io.LORA_WEIGHT_NAME))  # every saved tensor used
     with torch.no_grad():
         theirs = pipe(prompts, num_inference_steps=6, guidance_scale=5.0, latents=x_T.clone(), output_type="pt",
                       height=32, width=32).images
@@ -85,11 +85,11 @@ def test_lora_roundtrip_for_resume(tmp_path):
     c = models.load_components(ModelConfig(name="tiny"))
     params = models.add_lora(c.unet, LoraConfig())
     _perturb(params, 1)
-    models.save_lora(c.unet, tmp_path, c.flavour)
+    lora_io.save_lora(c.unet, tmp_path, c.flavour)
     saved = [p.detach().clone() for p in params]
     c2 = models.load_components(ModelConfig(name="tiny"))
     params2 = models.add_lora(c2.unet, LoraConfig())
-    models.load_lora_weights_into(c2.unet, tmp_path)
+    lora_io.load_lora_weights_into(c2.unet, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(saved, params2))
     assert all(p.dtype == torch.float32 and p.requires_grad for p in params2)
 
@@ -103,12 +103,12 @@ def test_lora_scale_interpolates_and_mix_sums(tmp_path):
     for i in range(2):
         c = models.load_components(ModelConfig(name="tiny"))
         _perturb(models.add_lora(c.unet, LoraConfig(rank=2, alpha=4.0)), 10 + i)
-        paths.append(models.save_lora(c.unet, tmp_path / f"l{i}", c.flavour).parent)
+        paths.append(lora_io.save_lora(c.unet, tmp_path / f"l{i}", c.flavour).parent)
     x = torch.randn(3, 64)
 
     def out(loras):
         c = models.load_components(ModelConfig(name="tiny"))
-        models.apply_loras(c.unet, loras)
+        lora_io.apply_loras(c.unet, loras)
         with torch.no_grad():
             return _to_q(c.unet)(x)
 
@@ -122,23 +122,23 @@ def test_lora_scale_interpolates_and_mix_sums(tmp_path):
 
 def test_lora_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-lora"):
-        models.lora_file(tmp_path / "no-such-lora")
+        lora_io.lora_file(tmp_path / "no-such-lora")
     bad = tmp_path / "weights.bin"
     bad.write_bytes(b"x")
     with pytest.raises(ValueError, match="only .safetensors"):
-        models.lora_file(bad)
+        lora_io.lora_file(bad)
 
 
 def test_lora_roundtrip_through_our_loader_on_mixed_targets(tmp_path):
     """sample/eval load a LoRA with load_lora: every tensor lands, equal, for the quickstart's targets."""
     c = models.load_components(ModelConfig(name="tiny"))
     _perturb(models.add_lora(c.unet, LoraConfig(target_modules=QUICKSTART_TARGETS)), 3)
-    models.save_lora(c.unet, tmp_path, c.flavour)
+    lora_io.save_lora(c.unet, tmp_path, c.flavour)
     from peft.utils import get_peft_model_state_dict
 
     want = get_peft_model_state_dict(c.unet)
     c2 = models.load_components(ModelConfig(name="tiny"))
-    models.load_lora(c2.unet, tmp_path, "x")
+    lora_io.load_lora(c2.unet, tmp_path, "x")
     got = get_peft_model_state_dict(c2.unet, adapter_name="x")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
@@ -156,7 +156,7 @@ def test_a_lora_in_the_older_mixed_key_layout_still_loads_whole(tmp_path):
     assert any("lora.down" in k for k in legacy) and any("lora_A" in k for k in legacy)  # really mixed
     save_file({f"unet.{k}": v.contiguous() for k, v in legacy.items()}, tmp_path / "old.safetensors")
     c2 = models.load_components(ModelConfig(name="tiny"))
-    models.load_lora(c2.unet, tmp_path / "old.safetensors", "x")
+    lora_io.load_lora(c2.unet, tmp_path / "old.safetensors", "x")
     got = get_peft_model_state_dict(c2.unet, adapter_name="x")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
@@ -164,28 +164,28 @@ def test_a_lora_in_the_older_mixed_key_layout_still_loads_whole(tmp_path):
 def test_a_lora_of_another_model_or_with_nan_is_refused(tmp_path):
     sdxl = models.load_components(ModelConfig(name="tiny-sdxl"))
     models.add_lora(sdxl.unet, LoraConfig(target_modules=QUICKSTART_TARGETS))
-    models.save_lora(sdxl.unet, tmp_path / "xl", sdxl.flavour)
+    lora_io.save_lora(sdxl.unet, tmp_path / "xl", sdxl.flavour)
     c = models.load_components(ModelConfig(name="tiny"))
-    with pytest.raises(models.LoraFileError, match="does not fit this model: .* has shape"):
-        models.load_lora(c.unet, tmp_path / "xl", "x")
+    with pytest.raises(lora_io.LoraFileError, match="does not fit this model: .* has shape"):
+        lora_io.load_lora(c.unet, tmp_path / "xl", "x")
 
     params = models.add_lora(c.unet, LoraConfig())
     with torch.no_grad():
         params[0][0, 0] = float("nan")
-    with pytest.raises(models.LoraFileError, match="NaN or inf"):
-        models.save_lora(c.unet, tmp_path / "nan", c.flavour)
+    with pytest.raises(lora_io.LoraFileError, match="NaN or inf"):
+        lora_io.save_lora(c.unet, tmp_path / "nan", c.flavour)
     assert not (tmp_path / "nan").exists()  # nothing half-written
     from safetensors.torch import load_file, save_file
 
-    good = models.save_lora(sdxl.unet, tmp_path / "ok", sdxl.flavour)
+    good = lora_io.save_lora(sdxl.unet, tmp_path / "ok", sdxl.flavour)
     state = load_file(good)
     state[next(iter(state))][0] = float("inf")
     save_file(state, tmp_path / "inf.safetensors")
-    with pytest.raises(models.LoraFileError, match="NaN or inf"):
-        models.load_lora(sdxl.unet, tmp_path / "inf.safetensors", "y")
+    with pytest.raises(lora_io.LoraFileError, match="NaN or inf"):
+        lora_io.load_lora(sdxl.unet, tmp_path / "inf.safetensors", "y")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(models.LoraFileError, match="not a readable safetensors file"):
-        models.read_lora_state(tmp_path / "junk.safetensors")
+    with pytest.raises(lora_io.LoraFileError, match="not a readable safetensors file"):
+        lora_io.read_lora_state(tmp_path / "junk.safetensors")
 
 
 def test_an_unreachable_hub_fails_at_once_instead_of_retrying(monkeypatch):

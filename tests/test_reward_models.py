@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor
 
+from rayreward import tiny
 from rayreward.rewards import RewardLoadError
 from rayreward.rewards import clip as reward_models
 from rayreward.rewards import build_reward
@@ -33,7 +34,7 @@ TOL = 2e-2
 
 
 def test_pickscore_matches_the_reference_scoring():
-    folder = reward_models.tiny_clip_dir()
+    folder = tiny.folder("clip")
     images, prompt = smooth_images(), "a photo of a cat"
     model, img, txt = reference_embeddings(folder, images, prompt)
     expected = model.logit_scale.exp() * (txt @ img.T)[0]
@@ -42,7 +43,7 @@ def test_pickscore_matches_the_reference_scoring():
 
 
 def test_clip_embeddings_match_the_reference_and_clipscore_is_its_clamped_cosine():
-    folder = reward_models.tiny_clip_dir()
+    folder = tiny.folder("clip")
     images, prompt = smooth_images(seed=1), "a dog"
     _, img, txt = reference_embeddings(folder, images, prompt)
     reward = build_reward("clipscore", model="tiny")
@@ -54,7 +55,7 @@ def test_clip_embeddings_match_the_reference_and_clipscore_is_its_clamped_cosine
 
 
 def test_aesthetic_matches_the_reference_pipeline(tmp_path):
-    folder = reward_models.tiny_clip_dir()
+    folder = tiny.folder("clip")
     head = reward_models.AestheticMLP(16)
     torch.save(head.state_dict(), tmp_path / "head.pth")  # the LAION .pth layout: a plain state dict
     images = smooth_images(seed=2)

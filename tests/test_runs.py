@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rayreward import config, runfolder, runtime, train
+from rayreward import config, driver, runfolder, runtime, train
 
 from helpers import ROOT, make_worker, quick_cfg, rows
 
@@ -116,13 +116,13 @@ def test_ray_train_resumes_past_a_corrupt_latest_checkpoint(tmp_path, ray_sessio
     """Through Ray Train: its own latest checkpoint is truncated, the run goes on from the one
     before it and ends with every step once."""
     out = tmp_path / "run"
-    assert train.fit(quick_cfg(out, "train.steps=4", "train.checkpoint_every=2")).error is None
+    assert driver.fit(quick_cfg(out, "train.steps=4", "train.checkpoint_every=2")).error is None
     newest, _ = runfolder.checkpoint_folders(out, "tiny")
     (newest / "optimizer.pt").write_bytes(b"")
-    result = train.fit(quick_cfg(out, "train.steps=6", "train.checkpoint_every=2"))
+    result = driver.fit(quick_cfg(out, "train.steps=6", "train.checkpoint_every=2"))
     assert result.error is None
     assert [int(r["step"]) for r in rows(out / "metrics.csv")] == [0, 1, 2, 3, 4, 5]
-    assert train.read_checkpoint(result.checkpoint.path).step == 6
+    assert runfolder.read_checkpoint(result.checkpoint.path).step == 6
 
 
 def test_a_checkpoint_written_but_never_registered_with_ray_is_resumed_from(tmp_path, ray_session):
@@ -132,18 +132,18 @@ def test_a_checkpoint_written_but_never_registered_with_ray_is_resumed_from(tmp_
     import shutil
 
     out = tmp_path / "run"
-    assert train.fit(quick_cfg(out, "train.steps=2", "train.checkpoint_every=2")).error is None
+    assert driver.fit(quick_cfg(out, "train.steps=2", "train.checkpoint_every=2")).error is None
     record = out / "ray" / "tiny" / "checkpoint_manager_snapshot.json"
     shutil.copy(record, tmp_path / "record-at-2.json")
-    assert train.fit(quick_cfg(out, "train.steps=4", "train.checkpoint_every=2")).error is None
+    assert driver.fit(quick_cfg(out, "train.steps=4", "train.checkpoint_every=2")).error is None
     shutil.copy(tmp_path / "record-at-2.json", record)  # Ray knows step 2; step 4 is on disk only
     started = time.time()
-    result = train.fit(quick_cfg(out, "train.steps=6", "train.checkpoint_every=2"))
+    result = driver.fit(quick_cfg(out, "train.steps=6", "train.checkpoint_every=2"))
     assert result.error is None
     log = rows(out / "metrics.csv")
     assert [int(r["step"]) for r in log] == [0, 1, 2, 3, 4, 5]
     assert [float(r["time"]) > started for r in log] == [False] * 4 + [True] * 2  # from 4: steps 2, 3 not redone
-    assert train.read_checkpoint(result.checkpoint.path).step == 6
+    assert runfolder.read_checkpoint(result.checkpoint.path).step == 6
 
 
 def test_a_second_run_in_the_same_folder_stops_with_a_message(tmp_path):
@@ -174,7 +174,7 @@ def test_a_second_run_in_the_same_folder_stops_with_a_message(tmp_path):
 def test_a_bad_ray_address_fails_fast_with_a_message(address, needle):
     t0 = time.monotonic()
     with pytest.raises(runtime.ClusterError, match=needle):
-        runtime.check_address(address)
+        driver.check_address(address)
     assert time.monotonic() - t0 < 10  # not Ray's minutes of retries
 
 

@@ -7,8 +7,11 @@ import sys
 import numpy as np
 import torch
 
-from rayreward import models, pretrain, shapes
-from rayreward.config import ModelConfig, PretrainConfig
+from rayreward import models
+from rayreward.config import ModelConfig
+from rayreward.shapes import pretrain
+from rayreward.shapes import world as shapes
+from rayreward.shapes.config import PretrainConfig
 
 # the shipped model read by the judge on 64 held-out captions x 2 seeds at T = 10: 92 % of the
 # labels (every colour and background, 77-84 % of the kinds), 55 % of the pictures wholly
@@ -159,7 +162,8 @@ def test_the_builtin_shapes_model_loads_offline_and_follows_its_captions():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from rayreward import judge, models, render
+    from rayreward import models, render
+    from rayreward.shapes import judge
     from rayreward.config import ModelConfig, SamplingConfig
 
     c = models.load_components(ModelConfig(name="shapes"))

@@ -8,7 +8,7 @@ import os
 import pytest
 from helpers import quick_cfg, rows
 
-from rayreward import config, tracking, train
+from rayreward import config, runfolder, tracking, train
 
 ALL = "log.trackers=[tensorboard, mlflow, wandb]"
 
@@ -50,7 +50,7 @@ def test_a_run_and_its_resume_are_one_tracked_run_in_each_tracker(tmp_path):
 
     env_before = os.environ.get("MLFLOW_TRACKING_URI")
     saved = {}
-    keep = lambda row, folder: folder and saved.update(r=train.read_checkpoint(folder))  # noqa: E731
+    keep = lambda row, folder: folder and saved.update(r=runfolder.read_checkpoint(folder))  # noqa: E731
     train.run_training(quick_cfg(tmp_path, ALL), report=keep)
     assert saved["r"].step == 2
     first_ids = json.loads((tmp_path / tracking.STATE_FILE).read_text())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rayreward import config, methods, models, sampling, train
+from rayreward import config, driver, lora_io, methods, models, runfolder, sampling, train
 from rayreward.config import LossConfig
 from rayreward.rewards.composite import reward_loss
 
@@ -42,26 +42,26 @@ def test_every_method_trains_on_both_flavours(tmp_path, model, method, trained):
     assert [int(r["step"]) for r in log] == [0, 1]
     assert {int(float(r["trained_steps"])) for r in log} <= trained
     assert all(int(r["stepped"]) == 1 for r in log) and last["grad_norm"] > 0
-    for f in ["grid_start.png", "grid_end.png", "reward_curve.png", f"lora/{models.LORA_WEIGHT_NAME}"]:
+    for f in ["grid_start.png", "grid_end.png", "reward_curve.png", f"lora/{lora_io.LORA_WEIGHT_NAME}"]:
         assert (tmp_path / f).is_file(), f
 
 
 def test_grid_scores_keep_one_start_and_one_end_grid(tmp_path):
     path = tmp_path / "grid_scores.csv"
     prompts, seeds = ["a", "b"], [0, 7]
-    mean = train.write_grid_scores(path, "start", prompts, seeds, {"r": torch.tensor([1.0, 2.0, 3.0, 4.0])})
-    assert mean == {"r": 2.5} and train.grid_change(path) == ""  # no end grid yet
-    train.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([0.0, 0.0, 0.0, 0.0])})
-    train.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([3.0, 3.0, 3.0, 5.0])})  # a resume's
+    mean = runfolder.write_grid_scores(path, "start", prompts, seeds, {"r": torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    assert mean == {"r": 2.5} and runfolder.grid_change(path) == ""  # no end grid yet
+    runfolder.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([0.0, 0.0, 0.0, 0.0])})
+    runfolder.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([3.0, 3.0, 3.0, 5.0])})  # a resume's
     log = rows(path)
     assert [(r["grid"], r["prompt"], r["seed"], float(r["r"])) for r in log] == [
         ("start", "a", "0", 1.0), ("start", "a", "7", 2.0), ("start", "b", "0", 3.0), ("start", "b", "7", 4.0),
         ("end", "a", "0", 3.0), ("end", "a", "7", 3.0), ("end", "b", "0", 3.0), ("end", "b", "7", 5.0)]
-    assert train.grid_change(path) == "r +2.5000 -> +3.5000"
+    assert runfolder.grid_change(path) == "r +2.5000 -> +3.5000"
     # a damaged file (a hand edit, a disk fault) is rewritten, not a crash after training
     for damaged in (b"\xff\xfe\x00garbage", b"no,header,here\n1,2,3\n"):
         path.write_bytes(damaged)
-        train.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([3.0, 3.0, 3.0, 5.0])})
+        runfolder.write_grid_scores(path, "end", prompts, seeds, {"r": torch.tensor([3.0, 3.0, 3.0, 5.0])})
         assert [r["grid"] for r in rows(path)] == ["end"] * 4
 
 
@@ -104,20 +104,20 @@ def test_tiny_run_reward_rises(tmp_path):
 def test_ray_train_fit_checkpoints_and_resumes(tmp_path, ray_session):
     out = tmp_path / "run"
     cfg = quick_cfg(out, "train.steps=3", "train.checkpoint_every=2")
-    result = train.fit(cfg)
+    result = driver.fit(cfg)
     assert result.error is None
     ckpt = Path(result.checkpoint.path)
-    assert (ckpt / "lora" / models.LORA_WEIGHT_NAME).is_file()
-    state = train.read_checkpoint(ckpt)
+    assert (ckpt / "lora" / lora_io.LORA_WEIGHT_NAME).is_file()
+    state = runfolder.read_checkpoint(ckpt)
     assert state.step == 3 and state.optimizer_state["state"]  # AdamW moments, loaded weights_only
     assert [int(r["step"]) for r in rows(out / "metrics.csv")] == [0, 1, 2]
 
     # the same run name and storage path with more steps: resumes at step 3, no step repeated
     cfg = quick_cfg(out, "train.steps=5", "train.checkpoint_every=2")
-    result = train.fit(cfg)
+    result = driver.fit(cfg)
     assert result.error is None
     assert [int(r["step"]) for r in rows(out / "metrics.csv")] == [0, 1, 2, 3, 4]
-    assert train.read_checkpoint(result.checkpoint.path).step == 5
+    assert runfolder.read_checkpoint(result.checkpoint.path).step == 5
     # the start grid was scored once, by the first run; the end grid is the resumed run's
     grid = rows(out / "grid_scores.csv")
     assert [(r["grid"], r["prompt"], r["seed"]) for r in grid] == [("start", "a cat", "0"), ("end", "a cat", "0")]
@@ -129,7 +129,7 @@ def test_a_unet_call_budget_ends_the_run_and_survives_a_resume(tmp_path):
     ends on the step that reaches 10, and a resume past it trains nothing more."""
     saved = {}
     cfg = quick_cfg(tmp_path, "train.steps=50", "train.max_unet_calls=10", "train.checkpoint_every=100")
-    last = train.run_training(cfg, report=lambda row, folder: folder and saved.update(r=train.read_checkpoint(folder)))
+    last = train.run_training(cfg, report=lambda row, folder: folder and saved.update(r=runfolder.read_checkpoint(folder)))
     log = rows(tmp_path / "metrics.csv")
     calls = [int(r["unet_calls"]) for r in log]
     assert set(calls) <= {3, 4} and sum(calls[:-1]) < 10 <= sum(calls)
@@ -149,7 +149,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     train.run_training(quick_cfg(tmp_path / "full", "train.steps=4"))
     saved = {}  # the staged checkpoint folder is removed once reported: read it in the callback
     train.run_training(quick_cfg(tmp_path / "part", "train.steps=2"),
-                       report=lambda row, folder: folder and saved.update(resume=train.read_checkpoint(folder)))
+                       report=lambda row, folder: folder and saved.update(resume=runfolder.read_checkpoint(folder)))
     train.run_training(quick_cfg(tmp_path / "part", "train.steps=4"), resume=saved["resume"])
     full, part = rows(tmp_path / "full/metrics.csv"), rows(tmp_path / "part/metrics.csv")
     assert [int(r["step"]) for r in part] == [0, 1, 2, 3]
@@ -164,7 +164,7 @@ def test_sample_cli_renders_a_grid_with_scaled_loras(tmp_path):
     with torch.no_grad():
         for t in p:
             t.add_(0.3)
-    models.save_lora(c.unet, tmp_path / "lora", c.flavour)
+    lora_io.save_lora(c.unet, tmp_path / "lora", c.flavour)
     out = tmp_path / "grid.png"
     proc = subprocess.run([sys.executable, "-m", "rayreward.cli", "sample", "--model", "tiny", "--lora",
                            f"{tmp_path / 'lora'}:0.5", "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0", "1",

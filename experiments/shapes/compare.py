@@ -35,7 +35,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rayreward import config as config_mod  # noqa: E402
-from rayreward import judge as judge_mod  # noqa: E402
+from rayreward.shapes import judge as judge_mod  # noqa: E402
 from rayreward import render, tune  # noqa: E402
 from rayreward.config import LoraArg  # noqa: E402
 
@@ -308,7 +308,7 @@ def save_grid(images, seen, recs, prompts, seeds, grid_prompts, path: Path) -> N
 
 
 def findings(res, recs) -> dict:
-    """The papers' claims as numbers from this run (README summarises them)."""
+    """The papers' claims as numbers from this run (docs/results/shapes.md summarises them)."""
     import numpy as np
 
     f = {}

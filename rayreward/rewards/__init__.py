@@ -25,6 +25,8 @@ import inspect
 import re
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
+from rayreward.errors import RewardLoadError  # noqa: F401  (the reward modules raise it from here)
+
 if TYPE_CHECKING:
     import torch
 
@@ -50,10 +52,6 @@ class Reward(Protocol):
 
 
 RewardFactory = Callable[..., Reward]
-
-
-class RewardLoadError(RuntimeError):
-    """A reward model could not be loaded; the message names the source and the config key."""
 
 
 def is_import_path(name: str) -> bool:

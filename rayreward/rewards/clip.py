@@ -14,56 +14,14 @@ from typing import Sequence
 
 import torch
 
-from rayreward.rewards import RewardLoadError
+from rayreward import tiny
+from rayreward.errors import RewardLoadError, first_line
 from rayreward.rewards.common import dtype_of, load_pretrained, read_state_dict, resize_crop_normalize
-from rayreward.runtime import first_line
 
 CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor
 CLIP_L14 = "openai/clip-vit-large-patch14"
-TINY_CLIP_VERSION = 1
-
-
-def tiny_clip_dir(seed: int = 0) -> Path:
-    """A random-initialised tiny CLIPModel + tokenizer + image processor folder, built offline once
-    in the cache: `model: tiny` in a CLIP reward's args (CPU quickstarts, tests)."""
-    import os
-    import shutil
-    import tempfile
-
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from rayreward.models import _tiny_tokenizer, cache_dir, format_tag
-
-    target = cache_dir() / f"tiny-clip-seed{seed}-v{TINY_CLIP_VERSION}-{format_tag()}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        tok = _tiny_tokenizer(tmp / "tok")
-        text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                    vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                      image_size=32, patch_size=8)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    model.save_pretrained(tmp, is_main_process=True)
-    tok.save_pretrained(tmp)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp)
-    shutil.rmtree(tmp / "tok")
-    if not any(tmp.glob("*.safetensors")):  # transformers writes weights on distributed rank 0 only
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise RewardLoadError("tiny CLIP: build it outside a distributed worker group first (the driver does)")
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _source(name: str | None) -> str | None:
-    return str(tiny_clip_dir()) if name == "tiny" else name
+    return str(tiny.folder("clip")) if name == "tiny" else name
 
 
 def _field(size, key: str) -> int:

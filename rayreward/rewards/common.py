@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from rayreward import hub
-from rayreward.rewards import RewardLoadError
-from rayreward.runtime import first_line
+from rayreward.errors import RewardLoadError, first_line
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

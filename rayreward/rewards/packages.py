@@ -17,9 +17,8 @@ from typing import Sequence
 
 import torch
 
-from rayreward.rewards import RewardLoadError
 from rayreward.rewards.common import OPENAI_MEAN, OPENAI_STD, dtype_of, fetch, load_state, resize_crop_normalize
-from rayreward.runtime import first_line
+from rayreward.errors import RewardLoadError, first_line
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv21": "HPS_v2.1_compressed.pt"}

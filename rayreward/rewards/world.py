@@ -1,4 +1,4 @@
-"""The shapes world's prompt alignment, read by its judge (rayreward/judge.py)."""
+"""The shapes world's prompt alignment, read by its judge (rayreward/shapes/judge.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def shapes_alignment(device="cpu", path: str | None = None) -> Reward:
     caption's seven labels (each column's kind and colour, the background): 0 when the picture
     shows exactly what the prompt says, lower otherwise. Prompts must be captions of the shapes
     world; any other prompt raises a ValueError that names it."""
-    from rayreward import judge
+    from rayreward.shapes import judge
 
     model = judge.load(path, device)
 

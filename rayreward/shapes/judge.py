@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayreward import shapes
+from rayreward.shapes import world as shapes
 
 SLOTS = ("left", "middle", "right")
 SLOT_OF = {"left": 0, "middle": 1, "centre": 1, "right": 2}
@@ -41,7 +41,7 @@ KIND_CLASSES = ("none",) + shapes.KINDS
 COLOUR_CLASSES = ("none",) + tuple(shapes.COLOURS)
 BACKGROUND_CLASSES = tuple(shapes.BACKGROUNDS)
 N_LABELS = 2 * len(SLOTS) + 1
-BUILTIN = Path(__file__).parent / "assets" / "shapes-judge"
+BUILTIN = Path(__file__).parent.parent / "assets" / "shapes-judge"
 
 
 def labels(scene: shapes.Scene) -> list[int]:
@@ -137,7 +137,7 @@ def train(steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int =
           device: str = "cpu") -> tuple[Judge, dict]:
     """A judge trained on drawn scenes (seeds disjoint from pretraining's and from the held-out
     prompts'), and its record: held-out accuracy on clean and on augmented drawings."""
-    from rayreward import pretrain
+    from rayreward.shapes import pretrain
 
     torch.manual_seed(seed)
     judge = Judge().to(device)

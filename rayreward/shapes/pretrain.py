@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rayreward import shapes
-from rayreward.config import PretrainConfig, vae_folder
+from rayreward.shapes import world as shapes
+from rayreward.shapes.config import PretrainConfig, vae_folder
 
 SIDE = 64  # image side, px
 

@@ -1,0 +1,173 @@
+"""LoRA files (safetensors, diffusers layout) of a UNet's peft adapter: save, read, load as a new
+adapter, load into an existing adapter (resume), apply several with weights (DRaFT's scaling and
+mixing). `models.add_lora` adds the adapter that training fits.
+
+Every load checks that each saved tensor landed in the adapter: peft only warns about keys it
+could not place, which would leave part of a LoRA silently unused. Only safetensors are read, so
+no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rayreward.errors import LoraFileError
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def pipeline_class(flavour: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if flavour == "sdxl" else StableDiffusionPipeline
+
+
+def _check_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoraFileError(f"{what}: {len(bad)} of {len(state)} LoRA tensors hold NaN or inf (first: {bad[0]}); "
+                            "a non-finite LoRA renders black images. Use an earlier checkpoint "
+                            "(OUTPUT_DIR/ray/NAME/checkpoint_*/lora) or a lower optim.lr")
+
+
+def save_lora(unet: torch.nn.Module, folder: str | os.PathLike, flavour: str, adapter_name: str = "default") -> Path:
+    """Write `pytorch_lora_weights.safetensors` (rank and alpha in its metadata), so a stock
+    pipeline's `load_lora_weights(folder)` loads it.
+
+    Every key is in peft's naming (`unet.<module>.lora_A.weight` / `lora_B`), for every target
+    module type. The older diffusers naming (`lora.down` / `lora.up`) is not used because
+    diffusers' converter renames only some module types (attention projections, not
+    convolutions), and its loader picks one naming from the file's first key: a mixed file
+    loaded with part of its weights silently unused. A non-finite LoRA is refused."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    _check_finite(state, f"saving the LoRA to {str(folder)!r}")
+    meta = unet.peft_config[adapter_name].to_dict()
+    meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    pipeline_class(flavour).save_lora_weights(str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta,
+                                               safe_serialization=True)
+    return Path(folder) / LORA_WEIGHT_NAME
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The safetensors file of a LoRA given as a file or a folder; a clear error otherwise."""
+    p = Path(path).expanduser()
+    f = p / LORA_WEIGHT_NAME if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"LoRA {str(path)!r}: no such file (expected a folder holding {LORA_WEIGHT_NAME} or a .safetensors file)")
+    if f.suffix != ".safetensors":
+        raise LoraFileError(f"LoRA {str(path)!r}: only .safetensors LoRA files are loaded (no pickled checkpoints)")
+    return f
+
+
+def read_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A LoRA file's UNet tensors in peft naming (`<module>.lora_A.weight`), checked finite.
+    Files in the older diffusers naming (`lora.down`/`lora.up`, also mixed) are converted."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = lora_file(path)
+    try:
+        state = load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise LoraFileError(f"LoRA {str(path)!r}: {f} is not a readable safetensors file ({e})") from None
+    state = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    if not state:
+        raise LoraFileError(f"LoRA {str(path)!r}: {f} holds no UNet LoRA weights")
+    _check_finite(state, f"LoRA {str(path)!r}")
+    # converted key by key, so a file mixing both namings is read whole
+    out = {}
+    for k, v in state.items():
+        out.update(convert_unet_state_dict_to_peft({k: v}))
+    return out
+
+
+def _assert_all_used(unet: torch.nn.Module, state: dict[str, torch.Tensor], adapter_name: str, path) -> None:
+    """Every tensor of the file must now sit in the adapter, equal: peft only warns about keys
+    it could not place, which would leave part of a LoRA silently unused."""
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    unused = [k for k, v in state.items() if k not in loaded or loaded[k].shape != v.shape
+              or not torch.equal(loaded[k].detach().float().cpu(), v.float())]
+    if unused:
+        raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: {len(unused)} of {len(state)} saved tensors "
+                            f"were not loaded (first: {unused[0]}). Was it trained on another base model or with "
+                            "other lora.target_modules?")
+    missing = [k for k in loaded if k not in state]
+    if missing:
+        raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: it has no weights for {len(missing)} of "
+                            f"the adapter's tensors (first: {missing[0]}); lora.rank or lora.target_modules differ")
+
+
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
+    """Add the LoRA at `path` to the UNet as a new adapter; every saved weight must be used."""
+    state = read_lora_state(path)
+    _check_shapes(unet, state, path)
+    unet.load_lora_adapter({f"unet.{k}": v for k, v in state.items()}, prefix="unet", adapter_name=adapter_name,
+                           metadata=lora_metadata(path))
+    _assert_all_used(unet, state, adapter_name, path)
+
+
+def _check_shapes(unet: torch.nn.Module, state: dict[str, torch.Tensor], path) -> None:
+    """Each saved lora_A/lora_B must fit its module's input/output size (a LoRA of another base
+    model would fail deep inside peft with a list of every mismatch)."""
+    modules = dict(unet.named_modules())
+    for key, v in state.items():
+        name, _, kind = key.rpartition(".lora_")
+        m = modules.get(name)
+        if m is None:
+            raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: it has weights for {name!r}, which "
+                                "this UNet does not have. Was it trained on another base model?")
+        base = getattr(m, "base_layer", m)
+        fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
+        fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
+        want = fan_in if kind.startswith("A") else fan_out
+        got = v.shape[1] if kind.startswith("A") else v.shape[0]
+        if want is not None and (got != want or v.dim() != (4 if isinstance(base, torch.nn.Conv2d) else 2)):
+            raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: {key} has shape {tuple(v.shape)}, "
+                                f"but {name} is a {type(base).__name__} of {fan_in} -> {fan_out}. Was it trained on "
+                                "another base model?")
+
+
+def lora_metadata(path) -> dict | None:
+    """The adapter config saved in the file's metadata (rank, alpha, targets), if any."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), framework="pt") as f:
+        meta = f.metadata() or {}
+    raw = meta.get("lora_adapter_metadata")
+    return json.loads(raw) if raw else None  # keys "unet.r", ...: the loader strips its prefix
+
+
+def load_lora_weights_into(unet: torch.nn.Module, source: str | os.PathLike | dict, adapter_name: str = "default",
+                           what: str = "checkpoint") -> None:
+    """Copy saved LoRA weights (a file/folder, or a state already read by `read_lora_state`) into
+    an existing adapter (resume); names and shapes must match, every tensor must be used."""
+    from peft.utils import set_peft_model_state_dict
+
+    state, path = (source, what) if isinstance(source, dict) else (read_lora_state(source), source)
+    _check_shapes(unet, state, path)
+    set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    _assert_all_used(unet, state, adapter_name, path)
+
+
+def apply_loras(unet: torch.nn.Module, loras: Sequence[tuple[str, float]]) -> list[str]:
+    """Load several LoRAs and activate them with weights: one LoRA with weight s interpolates
+    base (0) <-> tuned (1); several are mixed as a weighted sum of their updates."""
+    names = []
+    for i, (path, _) in enumerate(loras):
+        names.append(f"lora{i}")
+        load_lora(unet, path, names[-1])
+    if names:
+        unet.set_adapters(names, [float(w) for _, w in loras])
+    return names

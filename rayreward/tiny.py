@@ -1,0 +1,172 @@
+"""Tiny random-initialised models of the real classes, built offline and cached: the `tiny` and
+`tiny-sdxl` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
+
+One builder for all of them (`cached`): a model is built once into
+`$RAYREWARD_CACHE` (default ~/.cache/rayreward) under a name that holds its kind, seed, version
+and the library versions that decide the saved layout, written to a temporary folder and renamed
+into place (atomic: many workers may ask at once). Inside a distributed worker group, where
+transformers' `save_pretrained` writes weights from rank 0 only, it builds in a fresh interpreter
+(`python -m rayreward.tiny KIND SEED`); the driver builds before the workers start anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rayreward.errors import ModelLoadError
+
+VERSIONS = {"sd": 1, "sdxl": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RAYREWARD_CACHE", Path.home() / ".cache" / "rayreward"))
+
+
+def format_tag() -> str:
+    """The library versions that decide the saved files' layout (transformers 4 and 5 name CLIP's
+    weights differently): part of every cache name, so a cache written under another stack is not
+    read back."""
+    import diffusers
+    import transformers
+
+    return f"tf{transformers.__version__.split('.')[0]}-df{'.'.join(diffusers.__version__.split('.')[:2])}"
+
+
+def complete(folder: Path) -> bool:
+    """A pipeline folder (model_index.json) with weights for each model component, or a single
+    model's folder (config.json) with its weights."""
+    if (folder / "model_index.json").is_file():
+        index = json.loads((folder / "model_index.json").read_text())
+        weights = {"unet", "vae", "text_encoder", "text_encoder_2"}
+        return all(any((folder / name).glob("*.safetensors")) for name in index if name in weights)
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def folder(kind: str, seed: int = 0) -> Path:
+    """The cached folder of tiny model `kind` ("sd", "sdxl" or "clip") from `seed`, built on first use."""
+    if kind not in BUILDERS:
+        raise ValueError(f"tiny model {kind!r} is unknown; allowed: {', '.join(BUILDERS)}")
+    target = cache_dir() / f"tiny-{kind}-seed{seed}-v{VERSIONS[kind]}-{format_tag()}"
+    if complete(target):
+        return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        subprocess.run([sys.executable, "-m", "rayreward.tiny", kind, str(seed)], check=True)
+        if not complete(target):
+            raise ModelLoadError(f"the tiny model's build in a subprocess left {target} incomplete")
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    try:
+        BUILDERS[kind](seed, tmp)
+        if not complete(tmp):
+            raise ModelLoadError(f"the tiny model's build left {tmp} incomplete (is the disk full?)")
+        os.rename(tmp, target)
+    except OSError:
+        if not complete(target):  # not: another process finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# The models.
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the standard BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tokenizer(folder: Path, max_length: int = 32):
+    """A CLIPTokenizer whose vocabulary is the byte alphabet (each char, and char + '</w>')."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+
+def _text_config(tok) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                vocab_size=len(tok), max_position_embeddings=tok.model_max_length,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def build_pipeline(flavour: str, seed: int):
+    """Random-initialised tiny SD-1.x ('sd') or SDXL ('sdxl') pipeline of the real classes."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if flavour not in ("sd", "sdxl"):
+        raise ValueError(f"tiny model flavour {flavour!r} is unknown; allowed: sd, sdxl")
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = tokenizer(Path(tmp) / "tok")
+        text_cfg = dict(_text_config(tok), projection_dim=32)
+        unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                        norm_num_groups=8, attention_head_dim=8)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=32)
+        if flavour == "sd":
+            unet = UNet2DConditionModel(cross_attention_dim=32, **unet_cfg)
+            te = CLIPTextModel(CLIPTextConfig(**text_cfg))
+            return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        # cross attention sees both encoders' hidden states (32 + 32); the added embedding sees
+        # 6 time ids * 8 + the pooled projection (32)
+        unet = UNet2DConditionModel(cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                    projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True, **unet_cfg)
+        te1 = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=scheduler)
+
+
+def _save_clip(seed: int, out: Path) -> None:
+    """A tiny CLIPModel with its tokenizer and image processor (32 px images)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = tokenizer(Path(tmp) / "tok")
+        vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                      image_size=32, patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=_text_config(tok), vision_config=vision, projection_dim=16))
+        model.save_pretrained(out, is_main_process=True)
+        tok.save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+
+
+BUILDERS = {
+    "sd": lambda seed, out: build_pipeline("sd", seed).save_pretrained(out),
+    "sdxl": lambda seed, out: build_pipeline("sdxl", seed).save_pretrained(out),
+    "clip": _save_clip,
+}
+
+
+if __name__ == "__main__":  # python -m rayreward.tiny KIND SEED: build one into the cache
+    print(folder(sys.argv[1], int(sys.argv[2])))
