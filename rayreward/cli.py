@@ -134,19 +134,20 @@ def add_common(p: argparse.ArgumentParser, *, config: bool = True, device: bool 
 def cmd_train(args) -> int:
     from rayreward import config, driver, runfolder
     from rayreward.errors import CheckpointError, Interrupted
+    from rayreward.storage import Storage
 
     cfg = config.load(args.config, args.set)  # validated here, before Ray or any model starts
     try:
         driver.fit(cfg)
     except Interrupted as e:
-        out = Path(cfg.output_dir).resolve()
+        store = Storage.of(cfg)
         try:
-            resume, _ = runfolder.latest_usable(out, cfg.name)
-        except CheckpointError:
+            resume, _ = runfolder.latest_usable(store, cfg.name)
+        except (CheckpointError, OSError):
             resume = None
         where = f"from its checkpoint at step {resume.step}" if resume else "from the start (no checkpoint yet)"
         print(f"\n[rayreward] interrupted ({e}); run the same command again to resume {where} "
-              f"({out / 'ray' / cfg.name})", file=sys.stderr, flush=True)
+              f"({store.describe(store.run_path(cfg.name))})", file=sys.stderr, flush=True)
         return 128 + e.signum
     out = Path(cfg.output_dir)
     print(f"[rayreward] done: {out / 'lora'}, {out / 'metrics.csv'}, {out / 'reward_curve.png'}, "
@@ -262,7 +263,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     from rayreward import export
 
-    out = export.export_lora(args.lora, args.format, args.out)
+    out = export.export_lora(args.lora, args.format, args.out, force=args.force)
     print(f"[rayreward] wrote {out} ({args.format} layout)")
     return 0
 
@@ -391,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = add("export", help="write a LoRA in another file layout (kohya: ComfyUI, kohya's scripts, diffusers)")
     x.add_argument("--lora", required=True, metavar="PATH", help="a LoRA folder (RUN/lora) or its .safetensors")
     x.add_argument("--format", required=True, choices=["kohya"], help="the layout to write")
-    x.add_argument("--out", required=True, help="the .safetensors file to write")
+    x.add_argument("--out", required=True, help="the .safetensors file to write (a new file, unless --force)")
+    x.add_argument("--force", action="store_true", help="replace --out if it exists (never the LoRA being exported)")
     x.set_defaults(fn=cmd_export)
 
     q = add("pretrain", help="pretrain a small text-to-image model on the synthetic shapes world")

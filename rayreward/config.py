@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from rayreward import methods, rewards
+from rayreward import methods, rewards, storage
 from rayreward.errors import ConfigError
 
 METHODS = tuple(methods.METHODS)
@@ -122,6 +122,11 @@ class TrainConfig:
     # seconds to wait for the cluster to place the workers and reward actors (autoscaling
     # included) before the run stops with a message naming what is missing
     start_timeout_s: float = 600.0
+    # where Ray Train keeps the checkpoints: "" (OUTPUT_DIR/ray), a path that every node mounts (a
+    # shared filesystem at the same path), or an object store URI (s3://bucket/prefix, gs://...,
+    # abfs://...). On several nodes a local path some node cannot see is refused before training
+    storage: str = ""
+    storage_endpoint: str = ""  # with an s3:// storage: an S3-compatible store's URL, e.g. http://10.0.0.5:9000
 
 
 @dataclass
@@ -401,6 +406,7 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
         p.append(f"reward_server.max_restarts: {rs.max_restarts} is not allowed; need >= 0, or -1 for unlimited")
     if not t.start_timeout_s > 0:
         p.append(f"train.start_timeout_s: {t.start_timeout_s} is not allowed; need seconds > 0")
+    p += storage.check(t.storage, t.storage_endpoint)
     if t.resume not in RESUME_MODES:
         p.append(f"train.resume: {t.resume!r} is unknown; allowed: {', '.join(RESUME_MODES)}")
     if t.mixed_precision not in PRECISIONS:

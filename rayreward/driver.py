@@ -13,6 +13,7 @@ a convenience (quieter output, a graceful abort): without it a run still trains.
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import math
@@ -27,8 +28,9 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayreward import config as config_mod
-from rayreward import models, runfolder, runtime, serving, tiny, tracking, train
+from rayreward import models, outputs, runfolder, runtime, serving, tiny, tracking, train
 from rayreward.errors import ClusterError, ConfigError, Interrupted, first_line
+from rayreward.storage import Storage
 
 # The private Ray APIs rayreward uses, all checked against Ray 2.60.0 (tests/test_driver.py):
 # - TorchTrainer._register_sigint_handler(controller): the hook Ray Train calls (main thread)
@@ -140,6 +142,20 @@ def _quiet_driver_logs() -> None:
 
 OWN_MODES = ("prefixed", "bare", "drop")
 _own = ["prefixed"]
+# Where several raylets share one session folder (nodes started on one machine, or a shared
+# /tmp), each node's log monitor forwards the same worker log lines: every line twice. A worker's
+# own lines are printed once: the last few (pid, line) seen are remembered.
+_seen: collections.OrderedDict = collections.OrderedDict()
+
+
+def _first_time(pid, line: str, keep: int = 4096) -> bool:
+    key = (pid, line)
+    if key in _seen:
+        return False
+    _seen[key] = None
+    if len(_seen) > keep:
+        _seen.popitem(last=False)
+    return True
 
 
 def quiet_ray_output(own: str = "prefixed") -> None:
@@ -165,7 +181,8 @@ def quiet_ray_output(own: str = "prefixed") -> None:
                 def filtered(data, _handle=handle):
                     if data.get("actor_name") in QUIET_ACTORS:
                         return
-                    lines = [x for x in data.get("lines", []) if not any(q in x for q in QUIET_LINES)]
+                    lines = [x for x in data.get("lines", []) if not any(q in x for q in QUIET_LINES)
+                             and (not x.startswith(OWN_LINE) or _first_time(data.get("pid"), x))]
                     if _own[0] == "drop":
                         lines = [x for x in lines if not x.startswith(OWN_LINE) or "warning" in x or "error" in x]
                     mine, rest = [], lines
@@ -242,7 +259,8 @@ class Trainer(TorchTrainer):
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: everything arrives through `loop_config`: the Config (parsed and checked
     on the driver, passed as data), the reward actors' handles when rewards are remote, and the
-    checkpoint the driver chose to resume."""
+    checkpoint the driver chose to resume (a path in the run's storage), and the handle of the
+    actor that writes the output folder on the driver's machine (rank 0's files go there)."""
     import ray.train
     import ray.train.torch
 
@@ -256,13 +274,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [2] where to start: the newer of Ray's latest checkpoint (after a worker-group restart, this
     # run's newest) and the driver's pick (the newest readable on disk: Ray's latest may be broken,
     # or older than one written just before a kill and never registered with Ray)
-    candidates = []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None and Path(ckpt.path).name not in loop_config.get("skip_checkpoints", ()):
-        with ckpt.as_directory() as d:
-            candidates.append(runfolder.read_checkpoint(d))
+    store, checkpoints, candidates = Storage.of(cfg), [], []
+    latest = ray.train.get_checkpoint()
+    if latest is not None and Path(latest.path).name not in loop_config.get("skip_checkpoints", ()):
+        checkpoints.append(latest)
     if loop_config.get("resume_from"):
-        candidates.append(runfolder.read_checkpoint(loop_config["resume_from"]))
+        checkpoints.append(ray.train.Checkpoint(loop_config["resume_from"], filesystem=store.filesystem))
+    for c in checkpoints:
+        with c.as_directory() as d:  # a local folder, or a copy fetched from an object store
+            candidates.append(runfolder.read_checkpoint(d))
+        candidates[-1].folder = store.describe(c.path)
     resume = max(candidates, key=lambda r: r.step, default=None)
 
     def report(row: dict, folder: Path | None) -> None:  # [3] every worker, every step
@@ -273,8 +294,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # as many threads as CPUs reserved: workers sharing a node do not oversubscribe it
         torch.set_num_threads(max(1, round(cfg.train.cpus_per_worker)))  # rounded: a Tune trial's 1.99 is 2
-    train.run_training(cfg, device=device, rank=ctx.get_world_rank(), world=ctx.get_world_size(),
-                       resume=resume, report=report, reward_actors=loop_config.get("reward_actors"))  # [4]
+    rank = ctx.get_world_rank()
+    written = outputs.Remote(loop_config["outputs"]) if rank == 0 and loop_config.get("outputs") else None
+    train.run_training(cfg, device=device, rank=rank, world=ctx.get_world_size(), resume=resume, report=report,
+                       reward_actors=loop_config.get("reward_actors"), written=written)  # [4]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,11 +331,13 @@ def _build_caches(cfg: config_mod.Config) -> None:
         tiny.folder("clip")
 
 
-def fit(cfg: config_mod.Config, callbacks: list | None = None):
-    """Lock the output folder, check what it holds and what to resume, join or start Ray, wait
-    (bounded) for the resources, start the reward actors, run the TorchTrainer, return its Result.
-    `callbacks`: Ray Train callbacks (a Tune trial passes TuneReportCallback). Raises Interrupted
-    after SIGINT / SIGTERM, once the workers have stopped."""
+def fit(cfg: config_mod.Config, callbacks: list | None = None, node_id: str | None = None):
+    """Lock the output folder, check what it holds and what to resume, join or start Ray, check
+    that every node reaches the checkpoint storage, wait (bounded) for the resources, start the
+    output folder's writer (on `node_id`, default this process's node: where output_dir is) and
+    the reward actors, run the TorchTrainer, return its Result. `callbacks`: Ray Train callbacks
+    (a Tune trial passes TuneReportCallback). Raises Interrupted after SIGINT / SIGTERM, once
+    the workers have stopped."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
@@ -326,18 +351,21 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
             print(f"[rayreward] warning: {w}", flush=True)
         _build_caches(cfg)
         fixed = init_ray(own="bare")
+        store = Storage.of(cfg)
+        store.check_reachable()  # a local path some node cannot see fails here, not at the first checkpoint
         runtime.check_resources(cfg, ray.cluster_resources(), fixed)
         runtime.wait_for_resources(cfg)
         runtime.shorten_report_poll()
+        writer = outputs.start(cfg, node_id)
         actors = serving.start_reward_actors(cfg) if cfg.reward_server.mode == "remote" else None
         trainer = Trainer(
             train_loop_per_worker,
-            train_loop_config={"config": cfg, "reward_actors": actors,
+            train_loop_config={"config": cfg, "reward_actors": actors, "outputs": writer,
                                "resume_from": plan.resume.folder if plan.resume else None,
                                "skip_checkpoints": plan.skip},
             scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                          resources_per_worker=runtime.worker_resources(cfg)),
-            run_config=RunConfig(name=cfg.name, storage_path=str(out / "ray"),
+            run_config=RunConfig(name=cfg.name, storage_path=store.path, storage_filesystem=store.filesystem,
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                  worker_runtime_env={"env_vars": runtime.worker_env()}, callbacks=callbacks or [],
@@ -348,17 +376,22 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None):
         if main:
             print(f"[rayreward] starting {cfg.train.num_workers} Ray Train worker(s) "
                   f"({'GPU' if cfg.train.use_gpu else 'CPU'}); each loads the model", flush=True)
+        result, status = None, "FAILED"
         try:
             result = trainer.fit()
+            status = "FINISHED" if result.error is None else "FAILED"
         except Exception:
             if not trainer.stop:
                 raise
         finally:
+            if trainer.stop:
+                status = "KILLED"
             if handlers:
                 signal.signal(signal.SIGINT, handlers[0])
                 signal.signal(signal.SIGTERM, handlers[1])
             if actors:
                 serving.stop_reward_actors(actors, record=out / "reward_servers.json")
+            outputs.stop(writer, status)
         if trainer.stop:
             raise Interrupted(trainer.stop[0])
         return result

@@ -3,7 +3,7 @@
     OUTPUT_DIR/
       config.yaml              the run's resolved config; its `name` is the folder's owner
       metrics.csv  *.png  lora/
-      ray/NAME/checkpoint_*/   checkpoints: lora/, optimizer.pt, trainer_state.json, config.yaml
+      ray/NAME/checkpoint_*/   checkpoints (or under train.storage): lora/, optimizer.pt, trainer_state.json, config.yaml
       resumes.jsonl            a line per resume that changed the config (train.resume=force)
       .rayreward.lock          held (flock) by the driver of the run in progress
 
@@ -17,10 +17,13 @@ was trained with another config, unless `train.resume: force`. Rank 0 keeps metr
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ import yaml
 
 from rayreward import config as config_mod
 from rayreward.errors import CheckpointError, RunFolderBusy, first_line
+from rayreward.storage import Storage
 
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
@@ -104,23 +108,29 @@ def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, ski
 
 
 def checkpoint_folders(out: Path, name: str) -> list[Path]:
-    """The run's checkpoints, newest first (Ray names them checkpoint_<timestamp>)."""
-    root = out / "ray" / name
-    return sorted((p for p in root.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    """The run's checkpoints under the default storage (OUTPUT_DIR/ray), newest first."""
+    return [Path(p) for p in Storage(str(out / "ray"), str(out / "ray")).checkpoints(name)]
 
 
-def latest_usable(out: Path, name: str) -> tuple[Resume | None, dict[str, str]]:
-    """The newest checkpoint that reads back whole, and {folder name: what is wrong} for each
-    broken newer one. Raises CheckpointError when there are checkpoints and none is usable."""
+def latest_usable(store: Storage, name: str) -> tuple[Resume | None, dict[str, str]]:
+    """The newest checkpoint in `store` that reads back whole (its `folder`: its path in the
+    storage), and {folder name: what is wrong} for each broken newer one. Raises CheckpointError
+    when there are checkpoints and none is usable."""
     broken: dict[str, str] = {}
-    for folder in checkpoint_folders(out, name):
+    for path in store.checkpoints(name):
+        local = None
         try:
-            return read_checkpoint(folder), broken
-        except CheckpointError as e:
-            broken[folder.name] = str(e)
+            with store.fetched(path) as local:
+                resume = read_checkpoint(local)
+            resume.folder = path
+            return resume, broken
+        except CheckpointError as e:  # named by its place in the storage, not a temporary copy's
+            text = str(e) if local is None else str(e).replace(str(local), store.describe(path))
+            broken[path.rstrip("/").rpartition("/")[2]] = text
     if broken:
+        where = store.describe(store.run_path(name))
         raise CheckpointError(f"no checkpoint of run {name!r} can be read back: " + "; ".join(broken.values())
-                              + f". Move {out / 'ray' / name} away to start the run over, or use a new output_dir")
+                              + f". Move {where} away to start the run over, or use a new output_dir")
     return None, {}
 
 
@@ -170,7 +180,16 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link: a symlink planted here would make the run overwrite its target
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if not self.path.is_symlink() and e.errno != errno.ELOOP:
+                raise
+            raise RunFolderBusy(f"output_dir: {str(self.path)!r} is a symbolic link, not a lock file rayreward made; "
+                                "remove it (rayreward never writes through a link there)") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO, a device, ...
+            os.close(fd)
+            raise RunFolderBusy(f"output_dir: {str(self.path)!r} is not a regular file; remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -221,7 +240,7 @@ def prepare(cfg, out: Path) -> Plan:
                 f"output_dir: {str(out)!r} holds the run {owner!r}; a run named {cfg.name!r} would overwrite its "
                 f"metrics.csv, grids and LoRA. Set output_dir to a new folder for a new run (or name: {owner} to "
                 "resume that run)"])
-    resume, broken = latest_usable(out, cfg.name)
+    resume, broken = latest_usable(Storage.of(cfg), cfg.name)
     if resume is None:
         return Plan(None)
     warnings = [f"skipping a broken checkpoint ({why}); resuming from the one before it, at step {resume.step}"
@@ -261,11 +280,19 @@ class MetricsLog:
         self._rewrite()
 
     def _rewrite(self):
-        with self.path.open("w", newline="") as f:
-            if self.fields:
-                w = csv.DictWriter(f, fieldnames=self.fields, restval="")
-                w.writeheader()
-                w.writerows(self.rows)
+        """The whole file, written to a temporary name and renamed over the old one: a kill or a
+        full disk in between leaves the previous metrics.csv whole."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                if self.fields:
+                    w = csv.DictWriter(f, fieldnames=self.fields, restval="")
+                    w.writeheader()
+                    w.writerows(self.rows)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def append(self, row: dict):
         self.rows.append(dict(row))

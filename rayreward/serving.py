@@ -80,8 +80,9 @@ class RewardServer:
     def info(self) -> dict:
         import ray
 
-        return {"pid": os.getpid(), "calls": self.calls, "device": str(self.device),
-                "restarted": ray.get_runtime_context().was_current_actor_reconstructed}
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node_id": ctx.get_node_id(), "calls": self.calls, "device": str(self.device),
+                "restarted": ctx.was_current_actor_reconstructed}
 
 
 class RemoteLoss(torch.autograd.Function):

@@ -20,9 +20,10 @@ from typing import Callable
 
 import torch
 
-from rayreward import config as config_mod, lora_io
-from rayreward import card, methods, models, render, runfolder, runtime, sampling, serving, tracking
+from rayreward import config as config_mod
+from rayreward import lora_io, methods, models, render, runtime, sampling, serving
 from rayreward.errors import RewardGradientError
+from rayreward.outputs import RunOutputs, lora_files
 from rayreward.runfolder import Resume, write_checkpoint
 
 
@@ -285,17 +286,17 @@ class Worker:
         return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
                              self.amp)
 
-    def save_grid(self, prompts, label: str) -> tuple[Path, dict[str, float]]:
-        """grid_<label>.png of `prompts` x grid.seeds, and its images' rewards in grid_scores.csv.
-        Returns the image's path and the grid's mean of each reward."""
-        out, seeds = Path(self.cfg.output_dir), self.cfg.grid.seeds
+    def grid(self, prompts, label: str, written: RunOutputs, step: int) -> dict[str, float]:
+        """Render `prompts` x grid.seeds with the current LoRA, score the images with every reward
+        and hand both to the output folder's writer (grid_<label>.png, grid_scores.csv, the
+        trackers). Returns the grid's mean of each reward."""
+        seeds = self.cfg.grid.seeds
         t0 = time.perf_counter()
         images = self.render(prompts, seeds)
-        render.save_grid(images, prompts, seeds, out / f"grid_{label}.png")
         print(f"[rayreward] {label} grid: {len(images)} images in {time.perf_counter() - t0:.1f} s", flush=True)
         scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
-        means = runfolder.write_grid_scores(out / "grid_scores.csv", label, prompts, seeds, scores)
-        return out / f"grid_{label}.png", means
+        return written.grid(label, images.cpu(), list(prompts), list(seeds),
+                            {k: v.detach().cpu() for k, v in scores.items()}, step)
 
     def warm_up(self) -> float:
         """Compile the UNet's graphs for this run's shapes before the first step (train.compile):
@@ -323,31 +324,43 @@ class Worker:
 
 def run_training(cfg: config_mod.Config, *, device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
                  resume: Resume | None = None, report: Callable[[dict, Path | None], None] | None = None,
-                 reward_actors: list | None = None) -> dict:
+                 reward_actors: list | None = None, written: RunOutputs | None = None) -> dict:
     """Train for cfg.train.steps; returns the last metrics row. `report(row, checkpoint_dir)` is
     called on every worker the same number of times (every step; with a folder on checkpoint
     steps, rank 0 only). Rewards run where `reward_server.mode` says: with "remote", in
-    `reward_actors` (the driver's), else in actors started for this call."""
+    `reward_actors` (the driver's), else in actors started for this call. Rank 0 writes the
+    output folder through `written` (under Ray Train, the driver's writer actor; default: a
+    RunOutputs in this process)."""
+    written = (written or RunOutputs(cfg)) if rank == 0 else None
     with serving.reward_client(cfg, torch.device(device), rank, reward_actors) as score:
-        return _train(cfg, Worker(cfg, torch.device(device), score, rank, world), resume or Resume(), report)
+        return _train(cfg, Worker(cfg, torch.device(device), score, rank, world), resume or Resume(), report, written)
 
 
-def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report) -> dict:
-    with tracking.Trackers(cfg, resume.step, enabled=w.rank == 0) as trackers:
-        return _loop(cfg, w, resume, report, trackers)
+def _train(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) -> dict:
+    """The loop; rank 0's tracked runs end FINISHED, or FAILED / KILLED when it stops early."""
+    try:
+        row = _loop(cfg, w, resume, report, written)
+    except BaseException as e:  # Ctrl-C / SIGTERM reach a worker as KeyboardInterrupt or SystemExit
+        if written is not None:
+            written.close("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if written is not None:
+        written.close()
+    return row
 
 
-def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: tracking.Trackers) -> dict:
+def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) -> dict:
     """Steps resume.step .. train.steps - 1 (or until train.max_unet_calls), top to bottom:
     restore -> open the run folder (rank 0) -> compile warm-up -> per step: train, tally, check the
     workers agree, log, report (with a checkpoint on checkpoint steps) -> finish (rank 0)."""
-    out, main = Path(cfg.output_dir), w.rank == 0
+    main = w.rank == 0
     # 1. the LoRA and optimizer from the checkpoint; every worker starts from rank 0's weights
     if resume.lora_state is not None:
         w.restore(resume)
     w.sync.broadcast_from_rank0()
     grid_prompts = cfg.grid.prompts or w.prompts[:4]
-    log = _open_run_folder(cfg, w, resume, trackers, grid_prompts) if main else None
+    if main:
+        _open_run_folder(cfg, w, resume, written, grid_prompts)
     # 2. compile before the first step (train.compile), timed apart from the steps
     tally = Tally(resume.skipped, resume.unet_calls)
     s_compile = w.warm_up() if not finished(cfg, resume.step, tally.calls) else 0.0  # 0 without train.compile
@@ -359,8 +372,9 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: t
     for step in range(resume.step, cfg.train.steps):
         if finished(cfg, step, tally.calls):  # the call budget, reached before a resume
             break
-        if step == fault_at:
-            _inject_fault(step, out)
+        if step == fault_at and written.first_fault(step):  # tests only
+            print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
+            os._exit(1)
         # 3. one optimizer step, and the run's running totals in its row
         row = tally.add(w.train_step(step))
         if step == resume.step and s_compile:
@@ -370,15 +384,12 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, trackers: t
             row["lora_divergence"] = _check_in_sync(w, step)  # every worker takes part
         # 4. rank 0 logs the row; every worker reports it, with a checkpoint on checkpoint steps
         if main:
-            log.append(row)
-            trackers.log_row(row)
+            written.row(row, plot=checkpoint_now)
             print(progress_line(row, cfg.train.steps), flush=True)
-            if checkpoint_now:
-                render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
         if report is not None:
             _report(report, row, w, step, tally, cfg, checkpoint=main and checkpoint_now)
     if main:
-        _finish(cfg, w, row, resume, trackers, grid_prompts)
+        _finish(cfg, w, row, resume, written, grid_prompts)
     return row
 
 
@@ -399,23 +410,21 @@ class Tally:
                 "reward_smooth": sum(self.recent) / len(self.recent)}
 
 
-def _open_run_folder(cfg: config_mod.Config, w: Worker, resume: Resume, trackers: tracking.Trackers,
-                     grid_prompts: list[str]) -> runfolder.MetricsLog:
-    """Rank 0, before the first step: config.yaml (what `rayreward report` reads back), metrics.csv
-    cut back to the checkpoint's step, the start grid on a fresh run, and the run's line."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_mod.dump(cfg, out / "config.yaml")
-    log = runfolder.MetricsLog(out / "metrics.csv", resume.step)
+def _open_run_folder(cfg: config_mod.Config, w: Worker, resume: Resume, written, grid_prompts: list[str]) -> None:
+    """Rank 0, before the first step: the output folder opened at the checkpoint's step (config.yaml,
+    metrics.csv cut back there, the trackers), the start grid on a fresh run, and the run's line."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    written.open(resume.step, node)
     if resume.step:
-        print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {out / 'ray' / cfg.name}"
+        print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {resume.folder}"
               + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
     else:
-        trackers.log_grid("start", *w.save_grid(grid_prompts, "start"), step=0)
+        w.grid(grid_prompts, "start", written, step=0)
     print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
           f"{w.world} worker(s) x batch {cfg.train.batch_size}, rewards {cfg.reward_server.mode}, "
           f"{sum(p.numel() for p in w.params):,} LoRA params, steps {resume.step}..{cfg.train.steps - 1}", flush=True)
-    return log
 
 
 def _check_in_sync(w: Worker, step: int) -> float:
@@ -440,20 +449,15 @@ def _report(report, row: dict, w: Worker, step: int, tally: Tally, cfg: config_m
                                      tally.calls))
 
 
-def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, trackers: tracking.Trackers,
-            grid_prompts: list[str]) -> None:
+def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, written, grid_prompts: list[str]) -> None:
     """Rank 0, after the last step: the final LoRA (first: nothing after it can lose it), the end
     grid and its change against the start grid, the model card, the trackers, the curve."""
-    out = Path(cfg.output_dir)
-    lora_io.save_lora(w.c.unet, out / "lora", w.c.flavour)
-    trackers.log_grid("end", *w.save_grid(grid_prompts, "end"), step=int(row.get("step", resume.step - 1)) + 1)
-    change = runfolder.grid_change(out / "grid_scores.csv")
+    written.lora(lora_files(w.c.unet, w.c.flavour))
+    w.grid(grid_prompts, "end", written, step=int(row.get("step", resume.step - 1)) + 1)
+    change = written.finish(row)
     if change:
         print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
               f"start -> end: {change}", flush=True)
-    card.write(cfg, out / "lora", row, {"start": out / "grid_start.png", "end": out / "grid_end.png"})
-    trackers.log_lora(out / "lora")
-    render.plot_metrics(out / "metrics.csv", out / "reward_curve.png")
 
 
 def finished(cfg: config_mod.Config, steps_done: int, calls_done: int) -> bool:
@@ -471,12 +475,3 @@ def progress_line(row: dict, steps: int) -> str:
     return (f"[rayreward] step {row['step']} [{row['step'] + 1}/{steps}] | reward {row['reward_mean']:+.4f} "
             f"± {row['reward_std']:.4f} | loss {row['loss']:+.4f} | grad {row['grad_norm']:.2e} | "
             f"{row['s_step']:.2f} s/step{note}")
-
-
-def _inject_fault(step: int, out: Path) -> None:
-    """Tests only (RAYREWARD_FAULT_STEP): rank 0's process dies at that step, once per output folder."""
-    marker = out / f".fault-injected-at-step-{step}"
-    if not marker.exists():
-        marker.touch()
-        print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
-        os._exit(1)

@@ -183,7 +183,7 @@ def _trial(params: dict) -> None:
     cfg = trial_config(params["base"], params["search"], str(Path(params["sweep_dir"]) / "trials" / trial_id),
                        f"{params['sweep_name']}-{trial_id}")
     _give_driver_its_share(cfg)
-    result = driver.fit(cfg, callbacks=[TuneReportCallback()])
+    result = driver.fit(cfg, callbacks=[TuneReportCallback()], node_id=params.get("node_id"))
     if result.error is not None:
         raise result.error
 
@@ -201,8 +201,12 @@ def _param_space(sweep: SweepConfig, sweep_dir: Path) -> dict:
     make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
             "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     search = {k: make[kind](values) for k, s in sweep.search.items() for kind, values in s.items()}
+    import ray
+
+    # each trial's driver may run on any node; its files go to the node of the sweep's driver,
+    # where the sweep folder is
     return {"base": tracked_base(sweep, sweep_dir), "search": search, "sweep_dir": str(sweep_dir),
-            "sweep_name": sweep.name}
+            "sweep_name": sweep.name, "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def tracked_base(sweep: SweepConfig, sweep_dir: Path) -> dict:
