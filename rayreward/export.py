@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -48,8 +49,10 @@ def to_kohya(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     return kohya, meta
 
 
-def export_lora(path: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Path:
-    """Write the LoRA at `path` in format `fmt` (one of FORMATS) to the file `out`."""
+def export_lora(path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False) -> Path:
+    """Write the LoRA at `path` in format `fmt` (one of FORMATS) to the file `out`: a new file,
+    or with `force` one that replaces an existing file (never the LoRA being read), written whole
+    (a temporary file in the same folder, then a rename)."""
     from safetensors.torch import save_file
 
     if fmt not in FORMATS:
@@ -57,7 +60,23 @@ def export_lora(path: str | os.PathLike, fmt: str, out: str | os.PathLike) -> Pa
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError([f"--out: {str(out)!r} is not allowed; the file name must end in .safetensors"])
+    source = lora_io.lora_file(path)
+    if out.exists() or out.is_symlink():
+        if out.resolve() == source.resolve():
+            raise ConfigError([f"--out: {str(out)!r} is the LoRA being exported ({str(source)!r}); write the export "
+                               "to another file"])
+        if not force:
+            raise ConfigError([f"--out: {str(out)!r} exists; choose a new file, or add --force to replace it"])
+        if not out.is_file() or out.is_symlink():
+            raise ConfigError([f"--out: {str(out)!r} is not a regular file; --force replaces only a file"])
     tensors, meta = to_kohya(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out

@@ -51,9 +51,21 @@ def _randint(lo: int, hi: int, g) -> int:
     return int(torch.randint(lo, hi + 1, (1,), generator=g).item())
 
 
+def _need(fn: str, **checks: tuple[int, bool, str]) -> None:
+    """A public plan function's arguments, checked as the config checks them: ValueError naming
+    the function, the argument, its value and what is allowed (no plan of a wrong chain)."""
+    bad = [f"{name}={value!r} (need {allowed})" for name, (value, ok, allowed) in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"{fn}: " + "; ".join(bad))
+
+
+def _positive_T(T) -> tuple:
+    return T, isinstance(T, int) and T >= 1, "an integer >= 1"
+
+
 # ---------------------------------------------------------------------------------------------
 # The step-selection rules. `g` seeds the per-batch draws; `sample_gens` (one generator per
-# sample) the per-sample ones.
+# sample) the per-sample ones. Each checks its arguments (ValueError) before drawing.
 
 
 def plan_drtune(T: int, K: int, m: int, g=None) -> StepPlan:
@@ -63,6 +75,8 @@ def plan_drtune(T: int, K: int, m: int, g=None) -> StepPlan:
     from the end, so the chain stops at position T - t_min + 1 and returns x0_hat there; a
     trained step after the stop does not run.
     """
+    _need("plan_drtune", T=_positive_T(T), K=(K, isinstance(K, int) and 1 <= K <= max(T, 1), "1 <= K <= T"),
+          m=(m, isinstance(m, int) and 1 <= m <= max(T, 1), "1 <= m <= T"))
     stride = T // K
     s = _randint(1, T - (K - 1) * stride, g)
     steps = [s + i * stride for i in range(K)]
@@ -74,21 +88,26 @@ def plan_drtune(T: int, K: int, m: int, g=None) -> StepPlan:
 
 def plan_draft(T: int) -> StepPlan:
     """DRaFT: every step carries gradient, full chain."""
+    _need("plan_draft", T=_positive_T(T))
     return StepPlan(T, frozenset(range(1, T + 1)))
 
 
 def plan_draft_k(T: int, K: int) -> StepPlan:
     """DRaFT-K: the last K steps carry gradient, full chain."""
+    _need("plan_draft_k", T=_positive_T(T), K=(K, isinstance(K, int) and 1 <= K <= max(T, 1), "1 <= K <= T"))
     return StepPlan(T, frozenset(range(T - K + 1, T + 1)))
 
 
 def plan_draft_lv(T: int, n: int) -> StepPlan:
     """DRaFT-LV: the chain without gradient, then n re-noised copies of the last step with it."""
+    _need("plan_draft_lv", T=_positive_T(T), n=(n, isinstance(n, int) and n >= 1, "an integer >= 1"))
     return StepPlan(T, frozenset(), lv_copies=n)
 
 
 def plan_refl(T: int, window: Sequence[int], g=None) -> StepPlan:
     """ReFL: t ~ U{t1..t2} counted from the end; no gradient before it; return x0_hat at t."""
+    ok = len(window) == 2 and all(isinstance(v, int) for v in window) and 1 <= window[0] <= window[1] <= max(T, 1)
+    _need("plan_refl", T=_positive_T(T), window=(tuple(window), ok, "(t1, t2) with 1 <= t1 <= t2 <= T"))
     t = _randint(window[0], window[1], g)
     stop = T - t + 1
     return StepPlan(T, frozenset({stop}), stop=stop, info={"t": t})
@@ -97,6 +116,9 @@ def plan_refl(T: int, window: Sequence[int], g=None) -> StepPlan:
 def plan_alignprop(T: int, k_range: Sequence[int], sample_gens: Sequence) -> StepPlan:
     """AlignProp: per sample k ~ U{lo..hi} (from that sample's generator); sample i
     back-propagates through its last k steps."""
+    ok = (len(k_range) == 2 and all(isinstance(v, int) for v in k_range)
+          and 1 <= k_range[0] <= k_range[1] <= max(T, 1))
+    _need("plan_alignprop", T=_positive_T(T), k_range=(tuple(k_range), ok, "(lo, hi) with 1 <= lo <= hi <= T"))
     ks = [_randint(k_range[0], k_range[1], g) for g in sample_gens]
     first = tuple(T - k + 1 for k in ks)
     return StepPlan(T, frozenset(range(min(first), T + 1)), sample_grad_from=first, info={"k": ks})
