@@ -211,9 +211,7 @@ def _score_inputs(images_dir: str, prompts_file: str | None) -> tuple[list[Path]
 
 def _reward_specs(rewards: str, arg_list: list[str]) -> list[dict]:
     """--rewards a,b and --arg a.key=value ... as RewardSpec dicts (weight 1), validated as in training."""
-    import yaml
-
-    from rayreward.config import ConfigError, from_dict
+    from rayreward.config import ConfigError, from_dict, safe_yaml
 
     names = [n.strip() for n in rewards.split(",") if n.strip()]
     if not names:
@@ -224,7 +222,7 @@ def _reward_specs(rewards: str, arg_list: list[str]) -> list[dict]:
         name, _, field = key.partition(".")
         if name not in extra or not field or not _:
             raise ConfigError([f"--arg {a!r}: expected REWARD.KEY=VALUE with REWARD one of {', '.join(names)}"])
-        extra[name][field] = yaml.safe_load(value)
+        extra[name][field] = safe_yaml(value, f"--arg {a!r}")
     specs = [{"name": n, "weight": 1.0, "args": extra[n]} for n in names]
     from_dict({"rewards": specs})  # same validation as training
     return specs

@@ -483,12 +483,49 @@ def _importable(module: str) -> bool:
 # Public entry points.
 
 
+YAML_NODE_BUDGET = 100_000  # nodes a config may expand to, aliases followed (a real config has < 1000)
+
+
+def safe_yaml(text: str, where: str):
+    """YAML as plain data, refusing what would run away: a document whose aliases expand to more
+    than YAML_NODE_BUDGET nodes (a 'billion laughs' tree), before it is built. ConfigError
+    names `where` (the file or the --set)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{where}: not valid YAML: {' '.join(str(e).split())}"]) from None
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:  # the expanded size, each distinct node counted once with its subtree
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a recursive alias counts once
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(c) for c in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k) + size(v) for k, v in node.value)
+        else:
+            n = 1
+        sizes[id(node)] = n
+        if n > YAML_NODE_BUDGET:
+            raise ConfigError([f"{where}: expands to more than {YAML_NODE_BUDGET:,} YAML nodes through its aliases "
+                               "(&anchor / *alias); a config that large is refused"])
+        return n
+
+    if root is not None:
+        size(root)
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError([f"{where}: not valid YAML: {' '.join(str(e).split())}"]) from None
+
+
 def apply_override(data: dict, assignment: str) -> None:
     """Apply one `a.b.c=value` to a nested dict; the value is parsed as YAML (`k=3` is an int)."""
     if "=" not in assignment:
         raise ConfigError([f"--set {assignment!r}: expected key=value, e.g. method.k=3"])
     key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = safe_yaml(raw, f"--set {assignment!r}") if raw.strip() else ""
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -554,18 +591,28 @@ def from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), training:
 def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (), training: bool = True) -> Config:
     """Load a YAML config file (None: the defaults) with `key=value` overrides, validated
     (`training` False: for rendering only, see `validate`)."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError([f"--config: {str(path)!r} does not exist"])
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"--config: {str(path)!r} is not valid YAML: {e}"]) from None
-        if not isinstance(data, dict):
-            raise ConfigError([f"--config: {str(path)!r} must hold a mapping at the top level"])
+    data = read_yaml_file(path, "--config") if path is not None else {}
     return from_dict(data, overrides, training)
+
+
+def read_yaml_file(path: str | os.PathLike, field: str) -> dict:
+    """A YAML file that holds a mapping, read as plain data (`safe_yaml`); ConfigError naming
+    `field` and the path for a missing file, a folder or FIFO, text that is not UTF-8, bad YAML."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError([f"{field}: {str(path)!r} does not exist"])
+    if not path.is_file():  # a folder, a FIFO, a device: reading it would fail or block
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise ConfigError([f"{field}: {str(path)!r} is {kind}; give a YAML file, e.g. experiments/quickstart.yaml"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{field}: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                           "save it as UTF-8"]) from None
+    data = safe_yaml(text, f"{field} {str(path)!r}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{field}: {str(path)!r} must hold a mapping at the top level"])
+    return data
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:

@@ -100,18 +100,39 @@ def init_ray(own: str = "prefixed") -> bool:
     verbose = bool(os.environ.get(runtime.VERBOSE_ENV))
     if not verbose:
         _quiet_driver_logs()
+    check_report_poll()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
+    if main:  # ray.init sets SIGTERM to a bare sys.exit: hold the signal until the caller's handler is back
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         ray.init(address=address, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ClusterError(f"could not join Ray at RAY_ADDRESS={address!r}: {first_line(e)}") from None
+    except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError, and a bare Exception on a timeout
+        where = f"join Ray at RAY_ADDRESS={address!r}" if address else "start a local Ray"
+        raise ClusterError(f"could not {where}: {first_line(e)}") from None
     finally:
-        if main and previous is not None:  # ray.init sets SIGTERM to a bare sys.exit: keep the caller's
-            signal.signal(signal.SIGTERM, previous)
+        if main:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a SIGTERM that came meanwhile lands now
     if not verbose:
         quiet_ray_output(own)
     return not address
+
+
+def check_report_poll() -> None:
+    """The report poll the user may set (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) must be a number of
+    seconds > 0: Ray's controller would die on anything else, after the run started."""
+    value = os.environ.get(runtime.REPORT_POLL_ENV)
+    if value is None:
+        return
+    try:
+        ok = float(value) > 0 and math.isfinite(float(value))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError([f"{runtime.REPORT_POLL_ENV}={value!r} (environment) is not allowed; need seconds > 0, "
+                           f"e.g. {runtime.REPORT_POLL_S}, or unset it"])
 
 
 # What `rayreward --verbose` brings back, each seen in real runs on Ray 2.60 and not about the run:

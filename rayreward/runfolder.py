@@ -50,6 +50,11 @@ FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "
                   "reward_server.", "grid.", "log.")
 
 
+# Fields whose change makes a checkpoint's LoRA unloadable (other tensors or another base model):
+# a resume with them changed is refused even with train.resume=force.
+STRUCTURAL = ("lora.rank", "lora.target_modules", "model.name", "model.flavour")
+
+
 @dataclass
 class Resume:
     step: int = 0  # the next step to run
@@ -246,6 +251,13 @@ def prepare(cfg, out: Path) -> Plan:
     warnings = [f"skipping a broken checkpoint ({why}); resuming from the one before it, at step {resume.step}"
                 for why in broken.values()]
     changes = config_changes(resume.config, cfg.to_dict()) if resume.config else {}
+    structural = {k: v for k, v in changes.items() if k in STRUCTURAL}
+    if structural:  # the checkpoint's LoRA would not load into the new adapter: refused even with force
+        lines = [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in structural.items()]
+        raise config_mod.ConfigError(
+            [f"output_dir: {str(out)!r} holds run {cfg.name!r} at step {resume.step}, whose LoRA has another shape "
+             "or base model than this config's; it cannot be resumed, not even with train.resume=force:"]
+            + lines + ["for a new run with these values, set output_dir to a new folder"])
     if changes and cfg.train.resume != "force":
         lines = [f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in changes.items()]
         raise config_mod.ConfigError(

@@ -88,14 +88,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """Read and check a sweep file; `overrides` apply to the base config. Every problem is reported
     at once (ConfigError), before Ray starts."""
     path = Path(path)
-    if not path.is_file():
-        raise config_mod.ConfigError([f"--config: {str(path)!r} does not exist"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise config_mod.ConfigError([f"--config: {str(path)!r} is not valid YAML: {e}"]) from None
-    if not isinstance(data, dict):
-        raise config_mod.ConfigError([f"--config: {str(path)!r} must hold a mapping"])
+    data = config_mod.read_yaml_file(path, "--config")
     problems: list[str] = []
     allowed = {"base", "set", "config", "search", "name", "output_dir", "num_samples", "metric", "mode",
                "scheduler", "max_concurrent"}
@@ -107,7 +100,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         if not base_path.is_file():
             raise config_mod.ConfigError(problems + [f"base: {str(data['base'])!r} does not exist "
                                                      f"(looked at {base_path})"])
-        base_data = yaml.safe_load(base_path.read_text()) or {}
+        base_data = config_mod.read_yaml_file(base_path, "base")
     else:
         base_data = data.get("config") or {}
     sets = list(data.get("set") or []) + list(overrides)

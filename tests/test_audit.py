@@ -99,3 +99,63 @@ def test_a_valid_drtune_plan_is_unchanged_by_the_checks():
     g = torch.Generator().manual_seed(0)
     plan = methods.plan_drtune(10, 2, 4, g)
     assert len(plan.info["steps"]) == 2 and plan.info["stride"] == 5 and plan.stop == 10 - plan.info["t_min"] + 1
+
+
+BOMB = ('a: &a ["x","x","x","x","x","x","x","x","x"]\n'
+        + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(7))
+        + "rewards:\n  - {name: symmetry, args: {x: *h}}\n")  # nine-way, seven levels: 9^8 leaves
+
+
+def test_a_yaml_alias_bomb_is_refused_at_load_in_a_fraction_of_a_second(tmp_path):
+    import time
+
+    f = tmp_path / "bomb.yaml"
+    f.write_text(BOMB)
+    t0 = time.perf_counter()
+    with pytest.raises(config.ConfigError, match="expands to more than 100,000 YAML nodes"):
+        config.load(f)
+    with pytest.raises(config.ConfigError, match="--set 'rewards.0.args.x=.*expands to more than"):
+        config.load(None, ["rewards.0.args.x=" + BOMB.replace("\n", "\n")])
+    assert time.perf_counter() - t0 < 30  # unbounded before: killed at 120 s
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda d: d, "is a folder; give a YAML file"),
+    (lambda d: (os.mkfifo(d / "fifo"), d / "fifo")[1], "is not a regular file"),
+    (lambda d: ((d / "bad.yaml").write_bytes(b"name: \xff\xfe\n"), d / "bad.yaml")[1], "is not UTF-8 text"),
+])
+def test_config_files_that_are_not_yaml_text_are_named_for_what_they_are(tmp_path, capsys, make, needle):
+    path = make(tmp_path)
+    assert cli.main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and str(path) in err and "does not exist" not in err
+
+
+def test_a_set_that_is_not_yaml_names_the_set_and_its_key(capsys):
+    assert cli.main(["train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", "method.k=[1,"]) == 2
+    err = capsys.readouterr().err
+    assert "--set 'method.k=[1,': not valid YAML" in err and "ParserError" not in err
+
+
+@pytest.mark.parametrize("value", ["banana", "0", "-1", "inf"])
+def test_a_bad_report_poll_in_the_environment_is_refused_before_ray_starts(monkeypatch, value):
+    from rayreward import driver
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", value)
+    with pytest.raises(config.ConfigError, match=f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={value!r} .* need seconds > 0"):
+        driver.check_report_poll()
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    driver.check_report_poll()
+
+
+def test_pretrain_refuses_a_non_finite_learning_rate_and_never_saves_a_non_finite_model(tmp_path, capsys):
+    assert cli.main(["pretrain", "--out", str(tmp_path / "m"), "--lr", "inf", "--unet-steps", "1"]) == 2
+    assert "--lr: inf is not allowed; need a finite number > 0" in capsys.readouterr().err
+    from rayreward.errors import RunError
+    from rayreward.shapes.pretrain import require_finite
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(RunError, match="the unet has 1 non-finite weights .* nothing of it was saved"):
+        require_finite({"unet": net}, tmp_path / "m")

@@ -96,6 +96,17 @@ def test_a_forced_resume_records_the_change_and_uses_the_new_learning_rate(run_d
     assert w.optimizer.state_dict()["state"]  # the moments did come back
 
 
+@pytest.mark.parametrize("change", ["lora.rank=8", "lora.target_modules=[to_q, to_v]", "model.name=tiny-sdxl"])
+def test_a_structural_change_is_refused_even_with_force_and_nothing_is_written(run_dir, change):
+    """A LoRA of another shape or base model cannot load into the new adapter: refused before
+    anything is written (resumes.jsonl untouched), naming the field."""
+    cfg = quick_cfg(run_dir, change, "train.steps=6", "train.resume=force")
+    with pytest.raises(config.ConfigError) as e:
+        runfolder.prepare(cfg, run_dir)
+    assert f"{change.split('=')[0]}: " in str(e.value) and "not even with train.resume=force" in str(e.value)
+    assert not (run_dir / runfolder.RESUMES_FILE).exists()
+
+
 @pytest.mark.parametrize("damage,needle", [
     (lambda c: (c / "optimizer.pt").write_bytes((c / "optimizer.pt").read_bytes()[:100]), "optimizer.pt: unreadable"),
     (lambda c: shutil.rmtree(c / "lora"), "lora"),

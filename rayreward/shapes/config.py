@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ class PretrainConfig:
             bad.append(f"--part: {self.part!r} is not allowed; allowed: model, judge")
         bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 0"
                 for k in ("threads", "workers") if getattr(self, k) < 0]
-        bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need > 0" for k in ("lr", "vae_lr")
-                if not getattr(self, k) > 0]
+        bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need a finite number > 0" for k in ("lr", "vae_lr")
+                if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0)]
         if bad:
             raise ConfigError(bad)

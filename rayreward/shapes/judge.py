@@ -198,7 +198,10 @@ def load(folder: str | Path | None = None, device="cpu") -> Judge:
 
 
 def run(out: str | Path, steps: int, batch_size: int, seed: int, workers: int, device: str) -> Path:
+    from rayreward.shapes.pretrain import require_finite
+
     judge, info = train(steps, batch_size, seed=seed, workers=workers, device=device)
+    require_finite({"judge": judge}, Path(out))
     save(judge, info, out)
     print(f"[rayreward] judge saved to {out}: reads {info['held_out_labels_read']:.1%} of held-out labels "
           f"({info['held_out_all_read']:.1%} of pictures wholly); augmented {info['held_out_augmented_labels_read']:.1%} "

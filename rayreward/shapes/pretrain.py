@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rayreward.errors import RunError
 from rayreward.shapes import world as shapes
 from rayreward.shapes.config import PretrainConfig, vae_folder
 
@@ -258,6 +259,16 @@ def samples(pipe, path: Path, device: str, count: int = 8, seeds: tuple[int, ...
     return render.save_grid(images, caps, seeds, path)
 
 
+def require_finite(parts: dict[str, torch.nn.Module], out: Path) -> None:
+    """Refuse to save a model with a NaN or inf weight (a learning rate too high diverged): a
+    RunError naming the part and what was kept."""
+    for name, module in parts.items():
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in module.parameters())
+        if bad:
+            raise RunError(f"pretrain: the {name} has {bad:,} non-finite weights after training (the loss diverged: "
+                           f"lower --lr); nothing of it was saved to {str(out)!r}")
+
+
 def run(cfg: PretrainConfig) -> Path:
     """Pretrain and save; returns the folder."""
     cfg.check()
@@ -278,12 +289,14 @@ def run(cfg: PretrainConfig) -> Path:
         if not cfg.vae_from:
             train_vae(pipe.vae, cfg, log)
             pipe.vae.register_to_config(scaling_factor=latent_scale(pipe.vae, cfg))
+            require_finite({"vae": pipe.vae}, out)
             pipe.vae.to("cpu", torch.float16).save_pretrained(out / "vae")  # kept if the UNet phase is cut short
             pipe.vae.to(cfg.device, torch.float32)
         reconstructions(pipe.vae, out / "vae_reconstruction.png", cfg.device)
         t_vae = time.time() - t0
         train_unet(pipe, cfg, log)
         seconds = time.time() - t0
+        require_finite({"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}, out)
         samples(pipe, out / "samples.png", cfg.device)
         pipe.to("cpu", torch.float16).save_pretrained(out)
 
