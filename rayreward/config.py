@@ -379,6 +379,10 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     for i, r in enumerate(cfg.rewards):
         if not rewards.known(r.name):
             p.append(rewards.unknown_message(f"rewards[{i}].name", r.name))
+    if training and cfg.rewards and all(r.weight == 0 for r in cfg.rewards):
+        p.append(f"rewards: every weight is 0 ({', '.join(f'{r.name} x 0' for r in cfg.rewards)}), so the loss is 0 "
+                 "and training would change nothing; give the reward to train on a non-zero weight (weight 0 only "
+                 "watches a reward)")
 
     t = cfg.train
     for key in ("steps", "batch_size", "checkpoint_every", "num_workers"):

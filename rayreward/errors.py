@@ -78,6 +78,11 @@ class SweepError(RunError):
     """Every trial of a sweep failed."""
 
 
+class RewardCallError(RunError):
+    """A reward's own code failed or returned something that is not a reward: the message names
+    the reward, (when known) the step, and the reward's exception."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived; the run stopped (its checkpoints are whole)."""
 

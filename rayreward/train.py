@@ -22,7 +22,7 @@ import torch
 
 from rayreward import config as config_mod
 from rayreward import lora_io, methods, models, render, runtime, sampling, serving
-from rayreward.errors import RewardGradientError
+from rayreward.errors import RewardCallError, RewardGradientError, first_line
 from rayreward.outputs import RunOutputs, lora_files
 from rayreward.runfolder import Resume, write_checkpoint
 
@@ -64,6 +64,9 @@ def backward_checked(loss: torch.Tensor, images: torch.Tensor, cfg: config_mod.C
             f"reward {names}: {what}, so training would change nothing. A reward must be computed from `images` "
             "with differentiable torch ops (no .detach(), .item(), numpy or PIL, and not under torch.no_grad()).")
 
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise RewardGradientError(f"reward {', '.join(s.name for s in cfg.rewards)}: the loss is {float(loss):g} on the "
+                                  "first trained step: a reward returned NaN or inf for these images")
     if not loss.requires_grad:
         raise no_gradient("the loss does not depend on the images (no gradient path)")
     images.retain_grad()
@@ -241,7 +244,11 @@ class Worker:
         images = models.decode(self.c.vae, res.latents)
         t_sample = time.perf_counter()
         # 3. reward and loss, in-process or one round trip to a reward actor
-        loss, r, parts = self.score(images, prompts, res.copies)
+        try:
+            loss, r, parts = self.score(images, prompts, res.copies)
+        except RewardCallError as e:
+            cause = getattr(e, "cause", None) or e  # a remote reward's error arrives inside Ray's RayTaskError
+            raise RewardCallError(f"step {step}: {first_line(cause)}") from None
         t_reward = time.perf_counter()
         # 4. backward (none when no grad-carrying step ran, e.g. DRTune's K steps all after the
         #    early stop); average gradients and statistics over workers
@@ -294,7 +301,10 @@ class Worker:
         t0 = time.perf_counter()
         images = self.render(prompts, seeds)
         print(f"[rayreward] {label} grid: {len(images)} images in {time.perf_counter() - t0:.1f} s", flush=True)
-        scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
+        try:
+            scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
+        except RewardCallError as e:
+            raise RewardCallError(f"{label} grid: {first_line(getattr(e, 'cause', None) or e)}") from None
         return written.grid(label, images.cpu(), list(prompts), list(seeds),
                             {k: v.detach().cpu() for k, v in scores.items()}, step)
 

@@ -159,3 +159,53 @@ def test_pretrain_refuses_a_non_finite_learning_rate_and_never_saves_a_non_finit
         net.weight[0, 0] = float("nan")
     with pytest.raises(RunError, match="the unet has 1 non-finite weights .* nothing of it was saved"):
         require_finite({"unet": net}, tmp_path / "m")
+
+
+def _user_rewards(name: str):
+    """Misbehaving user rewards, named as a config names them (module:factory)."""
+    import sys
+    import types
+
+    module = types.ModuleType("audit_rewards")
+
+    def raises_at_second_call(device="cpu"):  # the second training step
+        calls = {"n": 0}
+
+        def fn(images, prompts):
+            calls["n"] += 1
+            if calls["n"] >= 3:  # the start grid, step 0, then step 1
+                raise KeyError("my_lookup_table")
+            return -images.mean(dim=(1, 2, 3))
+        return fn
+
+    module.raises_at_second_call = raises_at_second_call
+    module.returns_a_float = lambda device="cpu": (lambda images, prompts: 0.5)
+    module.returns_nan = lambda device="cpu": (lambda images, prompts: images.mean(dim=(1, 2, 3)) * float("nan"))
+    sys.modules["audit_rewards"] = module
+    return f"audit_rewards:{name}"
+
+
+@pytest.mark.parametrize("factory, needle", [
+    ("raises_at_second_call", "step 1: reward audit_rewards:raises_at_second_call raised KeyError: 'my_lookup_table' "
+                              "(in the reward's own code, not in rayreward)"),
+    ("returns_a_float", "start grid: reward audit_rewards:returns_a_float returned a float, not a tensor"),
+    ("returns_nan", "the loss is nan on the first trained step: a reward returned NaN or inf"),
+])
+def test_a_misbehaving_user_reward_is_named_with_its_step_and_its_error(tmp_path, factory, needle):
+    from rayreward import train
+    from rayreward.errors import RunError
+
+    cfg = config.load(ROOT / "experiments/tiny.yaml", [f"output_dir={tmp_path}", "train.steps=3", "sampling.num_steps=4",
+                                                       "method.early_stop_m=2", "method.k=1"])
+    cfg.rewards = [config.RewardSpec(name=_user_rewards(factory))]
+    with pytest.raises(RunError) as e:
+        train.run_training(cfg)
+    assert needle in str(e.value)
+    message, code = cli.explain(e.value)
+    assert code == 1 and "please report it" not in message
+
+
+def test_all_reward_weights_zero_is_refused_at_validation():
+    with pytest.raises(config.ConfigError, match="every weight is 0 .*training would change nothing"):
+        config.from_dict({"rewards": [{"name": "symmetry", "weight": 0}]})
+    config.from_dict({"rewards": [{"name": "symmetry", "weight": 0}]}, training=False)  # eval and sample take it

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from rayreward.errors import RewardCallError, first_line
 from rayreward.rewards import Reward, build_reward
 from rayreward.sampling import copy_mean
 
@@ -25,7 +26,15 @@ class CompositeReward:
         parts = {}
         total = images.new_zeros(images.shape[0])
         for name, w, fn in zip(self.names, self.weights, self.fns):
-            r = fn(images, prompts).float()
+            try:
+                r = fn(images, prompts)
+            except Exception as e:  # the reward's own code: say so, with its exception
+                raise RewardCallError(f"reward {name} raised {type(e).__name__}: {first_line(e)} (in the reward's own "
+                                      "code, not in rayreward)") from e
+            if not isinstance(r, torch.Tensor):
+                raise RewardCallError(f"reward {name} returned a {type(r).__name__}, not a tensor; a reward returns "
+                                      f"a torch tensor of shape ({images.shape[0]},) computed from `images` with torch ops")
+            r = r.float()
             if r.shape != total.shape:
                 raise ValueError(f"reward {name} returned shape {tuple(r.shape)} for {images.shape[0]} images; a reward "
                                  f"returns one value per image, shape ({images.shape[0]},)")
