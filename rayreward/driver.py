@@ -28,7 +28,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayreward import config as config_mod
-from rayreward import models, outputs, runfolder, runtime, serving, tiny, tracking, train
+from rayreward import models, outputs, rewards, runfolder, runtime, serving, tiny, tracking, train
 from rayreward.errors import ClusterError, ConfigError, Interrupted, first_line
 from rayreward.storage import Storage
 
@@ -363,6 +363,9 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None, node_id: str | No
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 
     cfg = prepare_run(cfg)
+    problems = rewards.check_args(cfg.rewards)  # imports each reward's module (not its weights)
+    if problems:
+        raise ConfigError(problems)
     tracking.resolve(cfg)  # the MLflow URI and W&B mode from the driver's environment
     out = Path(cfg.output_dir)
     _writable(out)

@@ -209,3 +209,14 @@ def test_all_reward_weights_zero_is_refused_at_validation():
     with pytest.raises(config.ConfigError, match="every weight is 0 .*training would change nothing"):
         config.from_dict({"rewards": [{"name": "symmetry", "weight": 0}]})
     config.from_dict({"rewards": [{"name": "symmetry", "weight": 0}]}, training=False)  # eval and sample take it
+
+
+def test_reward_args_are_checked_against_the_factory_before_ray_starts(tmp_path, capsys):
+    code = cli.main(["train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", f"output_dir={tmp_path / 'r'}",
+                     "--set", "rewards=[{name: symmetry, args: {strength: 2}}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "rewards[0].args {'strength': 2}: got an unexpected keyword argument 'strength'" in err
+    assert not (tmp_path / "r" / "metrics.csv").exists()
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray started

@@ -79,6 +79,27 @@ def factory_of(name: str) -> RewardFactory:
         raise ValueError(f"reward {name!r}: cannot import {attr} from {module_name}: {e}") from None
 
 
+def check_args(specs) -> list[str]:
+    """Problems of each reward's `args` against its factory's signature (unknown or missing
+    arguments), and of a factory that cannot be imported: what the driver checks before Ray
+    starts, instead of a worker finding it after the model loaded."""
+    problems = []
+    for i, spec in enumerate(specs):
+        try:
+            factory = factory_of(spec.name)
+        except (KeyError, ValueError) as e:
+            problems.append(f"rewards[{i}].name: {str(e).strip(chr(34))}")
+            continue
+        params = inspect.signature(factory).parameters
+        try:
+            inspect.signature(factory).bind(device="cpu", **spec.args)
+        except TypeError as e:
+            allowed = [k for k, v in params.items() if k != "device" and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)]
+            problems.append(f"rewards[{i}].args {dict(spec.args)}: {e} for reward {spec.name}; allowed: "
+                            f"{', '.join(allowed) or 'none'}")
+    return problems
+
+
 def build_reward(name: str, device: Any = "cpu", **args) -> Reward:
     """Build the reward `name` (registered, or 'module:factory') with its factory arguments."""
     factory = factory_of(name)
