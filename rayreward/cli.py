@@ -112,6 +112,20 @@ class SeedsAction(argparse.Action):
         setattr(namespace, self.dest, seeds)
 
 
+def out_path(value: str, flag: str, folder: bool = False) -> Path:
+    """An output path a command will write: refused (naming the flag) when it, or a folder on the
+    way to it, is an existing file where a folder is needed, or a folder where a file is."""
+    from rayreward.config import ConfigError
+
+    path = Path(value)
+    for parent in [*reversed(path.parents)] + ([path] if folder else []):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError([f"{flag}: {value!r} cannot be written: {str(parent)!r} is a file, not a folder"])
+    if not folder and path.is_dir():
+        raise ConfigError([f"{flag}: {value!r} is a folder; give a file name"])
+    return path
+
+
 def add_common(p: argparse.ArgumentParser, *, config: bool = True, device: bool = False, seeds: str | None = None,
                prompts: str | None = None, lora: bool = False) -> None:
     """The options several commands share, declared once."""
@@ -167,6 +181,9 @@ def cmd_sample(args) -> int:
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
     cfg = config.load(args.config, overrides, training=False)
+    out_path(args.out, "--out")
+    if args.save_images:
+        out_path(args.save_images, "--save-images", folder=True)
     device = runtime.resolve_device(args.device, "--device")
     loras = checked_loras(args.lora)  # fails early, naming the path
     prompts = (list(args.prompt) + (config.read_prompts(args.prompts, "--prompts") if args.prompts else [])
@@ -232,6 +249,9 @@ def cmd_eval(args) -> int:
     from rayreward import config, evaluation, runtime
 
     cfg = config.load(args.config, args.set, training=False)
+    if args.batch < 1:
+        raise config.ConfigError([f"--batch: {args.batch} is not allowed; need an integer >= 1 (prompts rendered at once)"])
+    out_path(args.out, "--out", folder=True)
     device = runtime.resolve_device(args.device, "--device")
     loras = checked_loras(args.lora)
     cfg.rewards = [config.RewardSpec(**s) for s in _reward_specs(args.rewards, args.arg)]
@@ -277,7 +297,7 @@ def cmd_pretrain(args) -> int:
                          lr=args.lr, seed=args.seed, threads=args.threads, workers=args.workers,
                          device=str(resolve_device(args.device, "--device")))
     cfg.check()
-    out = Path(args.out)
+    out = out_path(args.out, "--out", folder=True)
     if out.exists() and any(out.iterdir()):
         raise ConfigError([f"--out: {args.out!r} is not empty; pretrain writes a new folder (remove it or choose "
                            "another)"])

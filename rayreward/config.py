@@ -379,6 +379,8 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
     for i, r in enumerate(cfg.rewards):
         if not rewards.known(r.name):
             p.append(rewards.unknown_message(f"rewards[{i}].name", r.name))
+    if not cfg.grid.seeds:
+        p.append("grid.seeds: empty; the start and end grids need at least one seed, e.g. [0, 1]")
     if training and cfg.rewards and all(r.weight == 0 for r in cfg.rewards):
         p.append(f"rewards: every weight is 0 ({', '.join(f'{r.name} x 0' for r in cfg.rewards)}), so the loss is 0 "
                  "and training would change nothing; give the reward to train on a non-zero weight (weight 0 only "

@@ -220,3 +220,18 @@ def test_reward_args_are_checked_against_the_factory_before_ray_starts(tmp_path,
     import ray
 
     assert not ray.is_initialized()  # refused before Ray started
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "--rewards", "symmetry", "--batch", "0", "--out", "{tmp}/e"], "--batch: 0 is not allowed; need an integer >= 1"),
+    (["eval", "--rewards", "symmetry", "--out", "{tmp}/afile/x"], "--out: '{tmp}/afile/x' cannot be written: '{tmp}/afile' is a file"),
+    (["sample", "--out", "{tmp}/afile/g.png"], "--out: '{tmp}/afile/g.png' cannot be written: '{tmp}/afile' is a file"),
+    (["pretrain", "--out", "{tmp}/afile/m"], "--out: '{tmp}/afile/m' cannot be written: '{tmp}/afile' is a file"),
+    (["sample", "--set", "grid.seeds=[]", "--out", "{tmp}/g.png"], "grid.seeds: empty"),
+])
+def test_command_flags_are_checked_before_any_model_loads(tmp_path, capsys, argv, needle):
+    (tmp_path / "afile").write_text("not a folder")
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert needle.replace("{tmp}", str(tmp_path)) in err, err
+    assert "model" not in err.split("error:")[0]  # nothing loaded before the refusal
