@@ -235,3 +235,29 @@ def test_command_flags_are_checked_before_any_model_loads(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert needle.replace("{tmp}", str(tmp_path)) in err, err
     assert "model" not in err.split("error:")[0]  # nothing loaded before the refusal
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["train.storage=ftp://host/runs"], "train.storage: 'ftp://host/runs' has the scheme 'ftp', which Ray Train cannot"),
+    (["train.storage_endpoint=http://127.0.0.1:9000"], "train.storage_endpoint: 'http://127.0.0.1:9000' is set, but "
+                                                       "train.storage '' is not an s3:// URI"),
+    (["train.storage=s3://b/p", "train.storage_endpoint=minio:9000"], "train.storage_endpoint: 'minio:9000' is not "
+                                                                      "allowed; give the store's URL"),
+])
+def test_bad_storage_settings_are_refused_at_validation(sets, needle):
+    with pytest.raises(config.ConfigError) as e:
+        config.from_dict({}, sets)
+    assert any(needle in p for p in e.value.problems), e.value.problems
+    assert config.from_dict({}, ["train.storage=s3://bucket/prefix", "train.storage_endpoint=http://10.0.0.5:9000"])
+
+
+def test_the_storage_of_a_run_is_its_output_folder_by_default_and_lists_checkpoints_newest_first(tmp_path):
+    from rayreward.storage import Storage
+
+    cfg = config.from_dict({"output_dir": str(tmp_path / "run")})
+    store = Storage.of(cfg)
+    assert store.local and store.path == str(tmp_path / "run" / "ray")
+    for name in ("checkpoint_2026-01-01_00-00-01", "checkpoint_2026-01-01_00-00-03", "checkpoint_2026-01-01_00-00-02"):
+        (tmp_path / "run" / "ray" / cfg.name / name).mkdir(parents=True)
+    assert [p.rpartition("/")[2] for p in store.checkpoints(cfg.name)] == [
+        "checkpoint_2026-01-01_00-00-03", "checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-01"]
