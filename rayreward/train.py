@@ -54,6 +54,12 @@ def guarded_step(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimi
 # The loop.
 
 
+def _reward_failed(where: str, e: RewardCallError) -> RewardCallError:
+    """The reward's error, said where it happened (a step, a grid); a remote reward's arrives
+    inside Ray's RayTaskError, whose `cause` is the reward's own."""
+    return RewardCallError(f"{where}: {first_line(getattr(e, 'cause', None) or e)}")
+
+
 def backward_checked(loss: torch.Tensor, images: torch.Tensor, cfg: config_mod.Config) -> None:
     """The backward of the first step that trains anything, checking that the reward can train:
     the loss depends on the images and, for the linear loss, its gradient with respect to them is
@@ -247,8 +253,7 @@ class Worker:
         try:
             loss, r, parts = self.score(images, prompts, res.copies)
         except RewardCallError as e:
-            cause = getattr(e, "cause", None) or e  # a remote reward's error arrives inside Ray's RayTaskError
-            raise RewardCallError(f"step {step}: {first_line(cause)}") from None
+            raise _reward_failed(f"step {step}", e) from None
         t_reward = time.perf_counter()
         # 4. backward (none when no grad-carrying step ran, e.g. DRTune's K steps all after the
         #    early stop); average gradients and statistics over workers
@@ -304,7 +309,7 @@ class Worker:
         try:
             scores = self.score.score_only(images, [p for p in prompts for _ in seeds])
         except RewardCallError as e:
-            raise RewardCallError(f"{label} grid: {first_line(getattr(e, 'cause', None) or e)}") from None
+            raise _reward_failed(f"{label} grid", e) from None
         return written.grid(label, images.cpu(), list(prompts), list(seeds),
                             {k: v.detach().cpu() for k, v in scores.items()}, step)
 
