@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from rayreward import budget, files
 from rayreward import config as config_mod
 from rayreward.errors import SweepError, first_line, root_cause
 
@@ -114,13 +115,16 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         problems.append("search: missing or empty; need at least one field, e.g. {method.k: [1, 2, 3]}")
         search_in = {}
     search: dict[str, dict] = {}
+    skeletons: dict = {}  # model name -> its skeleton (budget), read once
     for key, spec in search_in.items():
         space = _space(str(key), spec, problems)
         if space is None:
             continue
         for value in _samples(space):
             try:
-                config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+                trial = config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+                if key.startswith(("lora.", "model.", "train.batch_size")):  # what the model and device bound
+                    budget.check(trial, skeletons.setdefault(trial.model.name, budget.skeleton(trial.model)))
             except config_mod.ConfigError as e:
                 kind, hint = next(iter(space)), ""
                 if kind in ("uniform", "loguniform") and any("integer" in p for p in e.problems):
@@ -364,7 +368,8 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
               "command again to resume it", flush=True)
         return None
     df = results_table(grid, sweep)
-    df.to_csv(out / "results.csv", index=False)
+    with files.written(out / "results.csv", newline="") as f:
+        df.to_csv(f, index=False)
     failed = [r for r in grid if r.error]
     if failed:
 
@@ -459,5 +464,6 @@ def plot_sweep(df, sweep: SweepConfig, path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"sweep {sweep.name}: last reported {sweep.metric} per trial")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.written(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
