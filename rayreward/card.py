@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from rayreward import config as config_mod
+from rayreward import files
 
 TAGS = ["lora", "text-to-image", "diffusers", "rayreward", "stable-diffusion"]
 
@@ -82,5 +83,5 @@ ComfyUI, AUTOMATIC1111 and kohya's scripts load.
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     path = folder / "README.md"
-    card.save(path)
+    files.write_text(path, str(card))
     return path

@@ -177,10 +177,11 @@ def cmd_tune(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from rayreward import config, lora_io, models, render, runtime
+    from rayreward import budget, config, lora_io, models, render, runtime
 
     overrides = list(args.set) + ([f"model.name={args.model}"] if args.model else [])
     cfg = config.load(args.config, overrides, training=False)
+    budget.check(cfg, training=False)  # a resolution the model cannot take, before it loads
     out_path(args.out, "--out")
     if args.save_images:
         out_path(args.save_images, "--save-images", folder=True)
@@ -246,9 +247,10 @@ def _reward_specs(rewards: str, arg_list: list[str]) -> list[dict]:
 
 
 def cmd_eval(args) -> int:
-    from rayreward import config, evaluation, runtime
+    from rayreward import budget, config, evaluation, runtime
 
     cfg = config.load(args.config, args.set, training=False)
+    budget.check(cfg, training=False)  # a resolution the model cannot take, before it loads
     if args.batch < 1:
         raise config.ConfigError([f"--batch: {args.batch} is not allowed; need an integer >= 1 (prompts rendered at once)"])
     out_path(args.out, "--out", folder=True)
@@ -320,6 +322,7 @@ def cmd_score(args) -> int:
     import torch
     from PIL import Image
 
+    from rayreward import files as fileio
     from rayreward.config import RewardSpec
     from rayreward.rewards.composite import build_composite
     from rayreward.runtime import resolve_device
@@ -336,7 +339,8 @@ def cmd_score(args) -> int:
         rows.append({"image": f.name, "prompt": prompt, **{k: float(v[0]) for k, v in parts.items()}})
     df = pd.DataFrame(rows)
     out = Path(args.out or Path(args.images) / "scores.csv")
-    df.to_csv(out, index=False)
+    with fileio.written(out, newline="") as f:
+        df.to_csv(f, index=False)
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"[rayreward] wrote {out}")
     return 0

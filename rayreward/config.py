@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from rayreward import methods, rewards, storage
+from rayreward import files, methods, rewards, storage
 from rayreward.errors import ConfigError
 
 METHODS = tuple(methods.METHODS)
@@ -622,4 +622,4 @@ def read_yaml_file(path: str | os.PathLike, field: str) -> dict:
 
 
 def dump(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    files.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -28,7 +28,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from rayreward import config as config_mod
-from rayreward import models, outputs, rewards, runfolder, runtime, serving, tiny, tracking, train
+from rayreward import budget, models, outputs, reaper, rewards, runfolder, runtime, serving, tiny, tracking, train
 from rayreward.errors import ClusterError, ConfigError, Interrupted, first_line
 from rayreward.storage import Storage
 
@@ -115,6 +115,8 @@ def init_ray(own: str = "prefixed") -> bool:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # a SIGTERM that came meanwhile lands now
+    if not address:
+        reaper.start()  # Ray's agents would outlive a SIGKILL of this process
     if not verbose:
         quiet_ray_output(own)
     return not address
@@ -374,6 +376,7 @@ def fit(cfg: config_mod.Config, callbacks: list | None = None, node_id: str | No
         for w in plan.warnings:
             print(f"[rayreward] warning: {w}", flush=True)
         _build_caches(cfg)
+        budget.check(cfg)  # LoRA targets and rank, resolution, a step's memory against the device's
         fixed = init_ray(own="bare")
         store = Storage.of(cfg)
         store.check_reachable()  # a local path some node cannot see fails here, not at the first checkpoint

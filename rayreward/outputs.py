@@ -17,13 +17,13 @@ continue).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 from rayreward import config as config_mod
+from rayreward import files as fileio
 from rayreward import runfolder, tracking
 
 STARTS_FILE = "starts.jsonl"  # a line each time the worker group starts: step, rank 0's node
@@ -45,9 +45,8 @@ class RunOutputs:
         if self.trackers is not None:  # a restarted worker group: its predecessor died mid-run
             self.trackers.close("KILLED")
         self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / STARTS_FILE).open("a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resume_step": resume_step,
-                                "rank0_node": node_id}) + "\n")
+        fileio.append(self.out / STARTS_FILE, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                         "resume_step": resume_step, "rank0_node": node_id}) + "\n")
         config_mod.dump(self.cfg, self.out / "config.yaml")
         self.log = runfolder.MetricsLog(self.out / "metrics.csv", resume_step)
         self.trackers = tracking.Trackers(self.cfg, resume_step)
@@ -80,10 +79,7 @@ class RunOutputs:
         folder = self.out / "lora"
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, folder / name)
+            fileio.write_bytes(folder / name, data)
         return folder
 
     def finish(self, row: dict) -> str:

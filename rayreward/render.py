@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from rayreward import methods, models, sampling
+from rayreward import files, methods, models, sampling
 
 
 @torch.no_grad()
@@ -71,9 +71,10 @@ def save_images(images: torch.Tensor, prompts: Sequence[str], seeds: Sequence[in
     for k, a in enumerate(arr):
         i, s = divmod(k, len(seeds))
         name = f"p{i:03d}_s{seeds[s]}.png"
-        Image.fromarray(np.ascontiguousarray(a)).save(folder / name)
+        with files.written(folder / name, "wb") as f:
+            Image.fromarray(np.ascontiguousarray(a)).save(f, format="PNG")
         names.append((name, prompts[i]))
-    (folder / "prompts.txt").write_text("".join(f"{p}\n" for _, p in sorted(names)))
+    files.write_text(folder / "prompts.txt", "".join(f"{p}\n" for _, p in sorted(names)))
     return folder
 
 
@@ -103,6 +104,7 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path) -> Path:
     ax_l.set_xlabel("step")
     ax_l.set_ylabel("loss")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    with files.written(png_path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return Path(png_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from rayreward import files
 from rayreward.config import ConfigError
 
 
@@ -51,7 +52,8 @@ def report(paths: Sequence[str | Path], out: Path, last: int = 5):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=100)
+    with files.written(out / "report.png", "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     runs = pd.DataFrame(rows)
     table = runs.pivot_table(index="method", columns="reward", values="final_reward", aggfunc="mean")

@@ -19,11 +19,11 @@ from __future__ import annotations
 import csv
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
 import stat
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from rayreward import config as config_mod
+from rayreward import files
 from rayreward.errors import CheckpointError, RunFolderBusy, first_line
 from rayreward.storage import Storage
 
@@ -265,10 +266,9 @@ def prepare(cfg, out: Path) -> Plan:
             + lines + ["to resume it anyway with the new values, add --set train.resume=force (the change is "
                        f"recorded in {RESUMES_FILE}); for a new run, set output_dir to a new folder"])
     if changes:
-        with (out / RESUMES_FILE).open("a") as fh:
-            fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": resume.step,
-                                 "checkpoint": resume.folder,
-                                 "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
+        files.append(out / RESUMES_FILE, json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "at_step": resume.step,
+                                                     "checkpoint": resume.folder,
+                                                     "changed": {k: list(v) for k, v in changes.items()}}) + "\n")
         warnings.append(f"train.resume=force: resuming at step {resume.step} with changed "
                         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     return Plan(resume, warnings, list(broken))
@@ -294,17 +294,11 @@ class MetricsLog:
     def _rewrite(self):
         """The whole file, written to a temporary name and renamed over the old one: a kill or a
         full disk in between leaves the previous metrics.csv whole."""
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                if self.fields:
-                    w = csv.DictWriter(f, fieldnames=self.fields, restval="")
-                    w.writeheader()
-                    w.writerows(self.rows)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with files.written(self.path, newline="") as f:
+            if self.fields:
+                w = csv.DictWriter(f, fieldnames=self.fields, restval="")
+                w.writeheader()
+                w.writerows(self.rows)
 
     def append(self, row: dict):
         self.rows.append(dict(row))
@@ -312,8 +306,9 @@ class MetricsLog:
             self.fields += [k for k in row if k not in self.fields]
             self._rewrite()
         else:
-            with self.path.open("a", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields, restval="").writerow(row)
+            line = io.StringIO()
+            csv.DictWriter(line, fieldnames=self.fields, restval="").writerow(row)
+            files.append(self.path, line.getvalue())
 
 
 def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> dict[str, float]:
@@ -331,7 +326,7 @@ def write_grid_scores(path: Path, label: str, prompts, seeds, scores: dict) -> d
     for i, (p, s) in enumerate(pairs):
         rows.append({"grid": label, "prompt": p, "seed": s, **{k: float(v[i]) for k, v in scores.items()}})
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
+    with files.written(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows(rows)

@@ -26,7 +26,7 @@ from typing import Iterator, Protocol, Sequence
 
 import torch
 
-from rayreward import runtime
+from rayreward import files, runtime
 from rayreward.config import LossConfig, RewardSpec
 from rayreward.errors import ClusterError, first_line
 from rayreward.rewards.composite import build_composite, reward_and_loss
@@ -181,7 +181,7 @@ def stop_reward_actors(actors: list, record: Path | None = None) -> None:
             states = ray.get([a.info.remote() for a in actors], timeout=30)
         except Exception as e:  # a dead or unreachable actor must not hide the run's own outcome
             states = [{"error": f"{type(e).__name__}: {first_line(e)}"}]
-        record.write_text(json.dumps(states, indent=1))
+        files.write_text(record, json.dumps(states, indent=1))
         for i, st in enumerate(states):
             if st.get("restarted"):
                 print(f"[rayreward] reward server {i} died and was restarted during the run", flush=True)

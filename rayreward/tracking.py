@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from rayreward import config as config_mod
+from rayreward import files
 
 STATE_FILE = "trackers.json"
 SKIPPED = ("step", "time")  # metrics.csv columns that are not curves
@@ -143,7 +144,7 @@ class Trackers:
         if "wandb" in names:
             self.wandb = self._start_wandb(params, experiment, ids.get("wandb"))
             ids["wandb"] = self.wandb.id
-        state_path.write_text(json.dumps(ids))
+        files.write_text(state_path, json.dumps(ids))
 
     def _start_mlflow(self, params: dict, experiment: str, run_id: str | None):
         # mlflow.set_tracking_uri exports the URI: a later run in this process would inherit it

@@ -1,6 +1,7 @@
 """Bad inputs and faults found by the third audit: each case fails on the code before its fix."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,3 +262,134 @@ def test_the_storage_of_a_run_is_its_output_folder_by_default_and_lists_checkpoi
         (tmp_path / "run" / "ray" / cfg.name / name).mkdir(parents=True)
     assert [p.rpartition("/")[2] for p in store.checkpoints(cfg.name)] == [
         "checkpoint_2026-01-01_00-00-03", "checkpoint_2026-01-01_00-00-02", "checkpoint_2026-01-01_00-00-01"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Upper bounds: what the model and the device cannot take is refused before Ray starts.
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["train.batch_size=1000000000"], "one training step needs at least"),
+    (["lora.rank=1000000"], "lora.rank: 1000000 is larger than the narrowest targeted layer"),
+    (["model.resolution=65536"], "model.resolution: 65536 is more than 4x the native side of 'tiny' (32 px)"),
+    (["lora.target_modules=[no_such_layer]"], "match no Linear or Conv2d layer"),
+])
+def test_values_the_model_or_the_device_cannot_take_are_refused_before_ray(tmp_path, capsys, monkeypatch, sets, needle):
+    from rayreward import budget, driver
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
+    with pytest.raises(config.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        budget.check(config.from_dict({}, sets))
+    out = tmp_path / "run"
+    code = cli.main(["train", "--config", str(ROOT / "experiments/tiny.yaml"), "--set", f"output_dir={out}",
+                     *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Ray was started" not in err
+
+
+def test_the_memory_estimate_grows_with_batch_and_resolution_and_accepts_the_defaults():
+    from rayreward import budget
+
+    cfg = config.from_dict({})
+    sk = budget.skeleton(cfg.model)
+    budget.check(cfg, sk)  # the default config fits
+    layers = budget.lora_layers(sk.denoiser, cfg.lora.target_modules)
+    base = budget.step_bytes(cfg, sk, layers)
+    assert all(v > 0 for v in base.values())
+    big = budget.step_bytes(config.from_dict({}, ["train.batch_size=8", "model.resolution=64"]), sk, layers)
+    act = "decoder activations at full resolution"
+    assert big[act] == base[act] * 2 * 4  # the batch, and the resolution squared
+    assert budget.check(config.from_dict({}, ["model.name=nowhere/not-cached"])) is None  # not here: not checked
+
+
+def test_a_sweep_over_a_rank_the_model_cannot_take_is_refused_at_load(tmp_path):
+    from rayreward import tune
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {ROOT / 'experiments/tiny.yaml'}\nsearch: {{lora.rank: [2, 4096]}}\n")
+    with pytest.raises(config.ConfigError, match=r"search.lora.rank = 4096: lora.rank: 4096 is larger than"):
+        tune.load_sweep(sweep)
+
+
+# ---------------------------------------------------------------------------------------------
+# A driver killed with SIGKILL leaves no Ray process behind.
+
+
+def test_the_reaper_kills_what_outlives_the_driver_and_nothing_else():
+    import subprocess
+
+    from rayreward import reaper
+
+    driver = subprocess.Popen(["sleep", "1"])
+    orphan = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    recycled = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    victims = {orphan.pid: reaper.start_time(orphan.pid), recycled.pid: reaper.start_time(recycled.pid) + 1}
+    try:
+        killed = reaper.watch(driver.pid, victims, grace_s=0.5, poll_s=0.1)
+        assert killed == [orphan.pid] and orphan.wait(5) == -9
+        assert recycled.poll() is None  # another start time: another process with the same pid, spared
+    finally:
+        for p in (driver, orphan, recycled):
+            p.kill()
+            p.wait()
+
+
+def test_no_ray_process_outlives_a_driver_killed_with_sigkill():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rayreward import reaper
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    code = "import time; from rayreward import driver; driver.init_ray(); print('up', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        ray_procs = {p: reaper.start_time(p) for p in reaper.descendants(proc.pid)}
+        names = {Path(f"/proc/{p}/cmdline").read_text().split("\0")[0] for p in ray_procs}
+        assert {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= names  # what used to outlive the driver
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(reaper.start_time(p) == t for p, t in ray_procs.items()):
+            time.sleep(0.5)
+        alive = [p for p, t in ray_procs.items() if reaper.start_time(p) == t]
+        assert not alive, f"still running after the driver's SIGKILL: {alive}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files written into a folder rayreward does not own alone never go through a planted link.
+
+
+def test_no_file_rayreward_writes_goes_through_a_planted_link(tmp_path):
+    from rayreward import files, outputs
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("metrics.csv", "grid_scores.csv", "config.yaml", outputs.STARTS_FILE, "report.png"):
+        (out / name).symlink_to(victim)
+    log = runfolder.MetricsLog(out / "metrics.csv", 0)  # a whole-file write replaces the link
+    log.append({"step": 0, "reward_mean": 0.5})
+    runfolder.write_grid_scores(out / "grid_scores.csv", "start", ["p"], [0], {"r": torch.tensor([1.0])})
+    config.dump(config.from_dict({}), out / "config.yaml")
+    with files.written(out / "report.png", "wb") as f:
+        f.write(b"png")
+    with pytest.raises(OSError, match="is a symbolic link"):
+        files.append(out / outputs.STARTS_FILE, "{}\n")  # an append refuses it
+    os.mkfifo(out / "log.jsonl")
+    with pytest.raises(OSError, match="not a regular file"):
+        files.append(out / "log.jsonl", "{}\n")  # and does not hang on a FIFO
+    assert victim.read_text() == "precious"
+    assert not any(p.is_symlink() for p in out.iterdir() if p.name != outputs.STARTS_FILE)
+    assert (out / "metrics.csv").read_text().splitlines() == ["step,reward_mean", "0,0.5"]
+    assert oct((out / "config.yaml").stat().st_mode & 0o777) == oct(0o644 & ~files._UMASK)

@@ -78,7 +78,8 @@ def test_the_import_graph_has_no_loops():
 def test_the_loop_finder_finds_a_planted_loop():
     graph = import_graph()
     graph["rayreward.methods"] = graph["rayreward.methods"] | {"rayreward.config"}  # config -> methods -> config
-    assert ["rayreward.config", "rayreward.methods", "rayreward.config"] in cycles(graph)
+    loops = cycles(graph)  # the loop is reported from whichever of its modules the search met first
+    assert any(len(c) == 3 and set(c) == {"rayreward.config", "rayreward.methods"} for c in loops), loops
 
 
 def test_validating_a_config_and_parsing_the_command_line_import_no_torch():

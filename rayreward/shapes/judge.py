@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayreward import files
 from rayreward.shapes import world as shapes
 
 SLOTS = ("left", "middle", "right")
@@ -178,7 +179,7 @@ def save(judge: Judge, info: dict, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in judge.state_dict().items()}, str(folder / "judge.safetensors"))
-    (folder / "judge.json").write_text(json.dumps(info, indent=1))
+    files.write_text(folder / "judge.json", json.dumps(info, indent=1))
     return folder
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rayreward import files
 from rayreward.errors import RunError
 from rayreward.shapes import world as shapes
 from rayreward.shapes.config import PretrainConfig, vae_folder
@@ -223,7 +224,8 @@ def _plot(log: list[dict], path: Path) -> None:
         ax.set_title(label)
         ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with files.written(path, "wb") as f:
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
 
 
@@ -312,7 +314,7 @@ def run(cfg: PretrainConfig) -> Path:
     info = {"config": asdict(cfg), "seconds": round(seconds, 1), "vae_seconds": round(t_vae, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "vae_l1_start": vae_start, "vae_l1_end": vae_end, "unet_loss_start": unet_start, "unet_loss_end": unet_end}
-    (out / "pretrain.json").write_text(json.dumps(info, indent=1))
+    files.write_text(out / "pretrain.json", json.dumps(info, indent=1))
     _plot(log, out / "loss_curve.png")
     print(f"[rayreward] pretrained {out} in {seconds / 60:.1f} min (UNet loss {unet_start:.4f} -> {unet_end:.4f}, "
           "first and last fifth of its steps)", flush=True)
