@@ -222,12 +222,17 @@ def test_full_chain_matches_diffusers_ddim_step():
     assert torch.allclose(res.latents, ref, atol=1e-5)
 
 
-def test_v_prediction_conversion_is_exact():
-    abar = torch.tensor(0.3, dtype=torch.float64)
+def test_v_prediction_coefficients_are_exact():
+    """A v-prediction step: x0_hat = c x + d v and x_{n+1} = a x + b v are DDIM's step written in v."""
+    sch = sampling.Schedule(torch.tensor([500]), torch.tensor([0.3], dtype=torch.float64),
+                            torch.tensor([0.6], dtype=torch.float64), "v_prediction")
+    abar, abar_prev = 0.3, 0.6
     x0, eps = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    v = abar.sqrt() * eps - (1 - abar).sqrt() * x0
-    assert torch.allclose(sampling._eps(v, x_t, abar, "v_prediction"), eps)
+    x_t = abar ** 0.5 * x0 + (1 - abar) ** 0.5 * eps
+    v = abar ** 0.5 * eps - (1 - abar) ** 0.5 * x0
+    st = sch.step(1)
+    assert torch.allclose(st.c * x_t + st.d * v, x0)
+    assert torch.allclose(st.a * x_t + st.b * v, abar_prev ** 0.5 * x0 + (1 - abar_prev) ** 0.5 * eps)
 
 
 def test_no_grad_steps_do_not_build_a_graph_through_the_denoiser():
