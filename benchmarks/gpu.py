@@ -232,7 +232,7 @@ def method_rows(c, args, shape: str, T: int, device, compile_mode: str) -> list[
               f"(sample {row['s_sample']:.3f}, reward {row['s_reward']:.3f}, backward {row['s_backward']:.3f}), "
               f"peak {row['peak_GiB']:.2f} GiB" + (f", step/parts {row['step_over_parts']:.2f}" if "predicted" in row
                                                   else ""), file=sys.stderr, flush=True)
-        c.unet.delete_adapters(["default"])  # the next method's Worker adds its own
+        c.denoiser.delete_adapters(["default"])  # the next method's Worker adds its own
         del w
     return rows
 
@@ -268,17 +268,17 @@ def main(argv=None):
         print(f"[gpu.py] built {shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         for T in args.steps:
             row = {"shape": shape, "T": T, "stock": stock_seconds(pipe, args, shape, T, device)}
-            row["chain"] = chain_seconds(c, c.unet, args, shape, T, device, amp)
-            models.add_lora(c.unet, run_config(args, shape, "drtune", T, "off").lora)
+            row["chain"] = chain_seconds(c, c.denoiser, args, shape, T, device, amp)
+            models.add_lora(c.denoiser, run_config(args, shape, "drtune", T, "off").lora)
             row["stock_lora"] = stock_seconds(pipe, args, shape, T, device)
-            row["chain_lora"] = chain_seconds(c, c.unet, args, shape, T, device, amp)
+            row["chain_lora"] = chain_seconds(c, c.denoiser, args, shape, T, device, amp)
             for mode in modes[1:]:
-                compiled = models.compile_unet(c.unet, mode)
+                compiled = models.compile_unet(c.denoiser, mode)
                 t1 = time.perf_counter()
                 chain_seconds(c, compiled, args, shape, T, device, amp)  # compiles
                 row[f"s_compile_chain_{mode}"] = time.perf_counter() - t1
                 row[f"chain_lora_{mode}"] = chain_seconds(c, compiled, args, shape, T, device, amp)
-            c.unet.delete_adapters(["default"])
+            c.denoiser.delete_adapters(["default"])
             chains.append(row)
             tables(args, argv, name, modes, chains, steps)
             for mode in modes:

@@ -58,12 +58,12 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
     plan = methods.make_plan(cfg.method, T, B, g)
     prompts = [("a cat", "a dog", "a car", "a tree")[i % 4] for i in range(B)]
     cond = models.encode_prompts(c, prompts, "", cfg.model.resolution, "cpu")
-    schedule = sampling.Schedule.from_scheduler(c.scheduler, T)
+    schedule = models.make_schedule(c, T, cfg.model.resolution)
     x_T = torch.randn((B, 4, cfg.model.resolution // c.vae_scale_factor, cfg.model.resolution // c.vae_scale_factor), generator=g)
-    counter = SavedBytes(list(c.unet.parameters()) + list(c.vae.parameters()))
+    counter = SavedBytes(list(c.denoiser.parameters()) + list(c.vae.parameters()))
     t0 = time.perf_counter()
     with (counter if measure else torch.enable_grad()):
-        res = sampling.sample(models.make_denoiser(c.unet, cond, cfg.sampling.guidance_scale), schedule, x_T, plan,
+        res = sampling.sample(models.make_denoiser(c.denoiser, cond, cfg.sampling.guidance_scale), schedule, x_T, plan,
                               generator=g, gradient_checkpointing=checkpointing)
         images = models.decode(c.vae, res.latents)
         loss, _, _ = reward_and_loss(reward, cfg.loss, images, prompts, res.copies)
@@ -101,7 +101,7 @@ def main(argv=None):
                                                "refl_window": [1, max(1, T // 4)]},
                                     "train": {"batch_size": args.batch}})
             c = models.load_components(cfg.model)
-            params = models.add_lora(c.unet, cfg.lora)
+            params = models.add_lora(c.denoiser, cfg.lora)
             reward = build_composite(cfg.rewards)
             for ckpt in (False, True):
                 one_step(c, params, reward, cfg, T, ckpt, measure=False)  # warm-up

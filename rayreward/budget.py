@@ -6,7 +6,8 @@ read, no memory is taken) it refuses:
 
 - LoRA targets that match no module of the denoiser, and a rank above the smallest width among
   the matched layers (the update of a layer of width w has rank <= w: a larger r only costs memory);
-- a resolution that the VAE cannot map to whole latents, or above 4x the model's native side;
+- a resolution that the VAE (and a transformer's patches) cannot map to whole latents, or above
+  4x the model's native side; a setting the model's family does not have (eta on a flow chain);
 - a step whose memory, at least, exceeds the device's: weights, the LoRA with its gradient and
   AdamW state, and the decoder's full-resolution activations of the batch (the part that grows
   with batch and resolution). The estimate is a lower bound: a run it refuses cannot fit; one it
@@ -37,6 +38,8 @@ class Skeleton:
     """The parts of a model that decide what a step costs, read from its configs."""
 
     denoiser: object  # torch.nn.Module on the meta device
+    family: object  # rayreward.families.Family
+    multiple: int  # image sides must be a multiple of this (the VAE factor x a transformer's patch)
     vae_scale_factor: int
     vae_channels: int  # channels of the decoder's last (full-resolution) block
     native: int  # the model's native image side, in pixels
@@ -45,24 +48,28 @@ class Skeleton:
 
 def skeleton(model_cfg) -> Skeleton | None:
     """The model's skeleton from its folder (or the hub cache), None when its configs are not here."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
-    from rayreward import hub, models
+    from rayreward import families, hub, models
 
     try:
         src = models.resolve_source(model_cfg)
         kw = dict(revision=model_cfg.revision, local_files_only=not Path(src).is_dir() or hub.offline())
-        DiffusionPipeline.load_config(src, **kw)
-        unet_cfg = UNet2DConditionModel.load_config(src, subfolder="unet", **kw)
+        index = DiffusionPipeline.load_config(src, **kw)
+        family = families.get(families.detect(index) if model_cfg.flavour == "auto" else model_cfg.flavour)
+        cls = getattr(diffusers, family.denoiser_class)
+        net_cfg = cls.load_config(src, subfolder=family.denoiser_folder, **kw)
         vae_cfg = AutoencoderKL.load_config(src, subfolder="vae", **kw)
     except (OSError, ValueError):
         return None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
+        net = cls.from_config(net_cfg)
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     weights = sum(f.stat().st_size for f in Path(src).rglob("*.safetensors")) if Path(src).is_dir() else 0
-    return Skeleton(unet, factor, int(vae_cfg["block_out_channels"][0]), int(unet_cfg["sample_size"]) * factor, weights)
+    return Skeleton(net, family, family.resolution_multiple(factor, net_cfg), factor,
+                    int(vae_cfg["block_out_channels"][0]), family.native_side(factor, net_cfg), weights)
 
 
 def lora_layers(denoiser, targets) -> dict[str, tuple[int, int]]:
@@ -130,9 +137,10 @@ def check(cfg, sk: Skeleton | None = None, training: bool = True) -> None:
                      f"{width}) of {cfg.model.name!r}; need 1 <= rank <= {width} (a rank above a layer's width "
                      "adds memory, not expressiveness)")
     side = cfg.model.resolution
-    if side % sk.vae_scale_factor:
-        p.append(f"model.resolution: {side} is not a multiple of {cfg.model.name!r}'s VAE factor "
-                 f"({sk.vae_scale_factor}); need a multiple of {sk.vae_scale_factor}")
+    if side % sk.multiple:
+        p.append(f"model.resolution: {side} is not a multiple of {sk.multiple} ({cfg.model.name!r}: "
+                 f"{sk.family.name}, its latents and patches); need a multiple of {sk.multiple}")
+    p += sk.family.check(cfg)
     if side > MAX_NATIVE_FACTOR * sk.native:
         p.append(f"model.resolution: {side} is more than {MAX_NATIVE_FACTOR}x the native side of "
                  f"{cfg.model.name!r} ({sk.native} px); need <= {MAX_NATIVE_FACTOR * sk.native} "

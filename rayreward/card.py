@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from rayreward import config as config_mod
-from rayreward import files
+from rayreward import families, files
 
 TAGS = ["lora", "text-to-image", "diffusers", "rayreward", "stable-diffusion"]
 
@@ -23,9 +23,10 @@ def base_model_id(cfg: config_mod.Config) -> str | None:
     return name if config_mod.looks_like_hub_id(name) else None
 
 
-def write(cfg: config_mod.Config, folder: Path, final: dict, grids: dict[str, Path]) -> Path:
+def write(cfg: config_mod.Config, folder: Path, final: dict, grids: dict[str, Path], flavour: str = "sd") -> Path:
     """README.md in `folder` (the saved LoRA); `final` is the last metrics row, `grids` the
-    images to show ({"start": path, "end": path}), copied next to the card. Returns its path."""
+    images to show ({"start": path, "end": path}), copied next to the card; `flavour` the model
+    family the LoRA is for (its tags). Returns its path."""
     from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
@@ -38,7 +39,7 @@ def write(cfg: config_mod.Config, folder: Path, final: dict, grids: dict[str, Pa
     rewards = [r.name for r in cfg.rewards]
     data = ModelCardData(
         base_model=base, license="other", library_name="diffusers", pipeline_tag="text-to-image",
-        tags=TAGS + ([] if cfg.model.flavour != "sdxl" else ["stable-diffusion-xl"]) + [f"method-{cfg.method.name}"]
+        tags=TAGS + list(families.get(flavour).tags) + [f"method-{cfg.method.name}"]
         + [f"reward-{r}" for r in rewards],
     )
     m, t = cfg.method, cfg.train
@@ -50,7 +51,7 @@ def write(cfg: config_mod.Config, folder: Path, final: dict, grids: dict[str, Pa
 # {cfg.name}: a LoRA trained with {m.name} on {", ".join(rewards)}
 
 Trained with rayreward by back-propagating the reward's gradient through the
-sampling chain into LoRA weights of the UNet. Base model: `{cfg.model.name}`. **License:** set
+sampling chain into LoRA weights of the {families.get(flavour).denoiser_class}. Base model: `{cfg.model.name}`. **License:** set
 `license` above to the base model's license before you publish this card.
 
 | setting | value |
@@ -58,7 +59,7 @@ sampling chain into LoRA weights of the UNet. Base model: `{cfg.model.name}`. **
 | method | `{m.name}` (K = {m.k}) |
 | rewards | {", ".join(f"`{r.name}` x {r.weight:g}" for r in cfg.rewards)} |
 | loss | `{cfg.loss.kind}` |
-| sampling | DDIM, T = {cfg.sampling.num_steps}, guidance {cfg.sampling.guidance_scale:g}, eta {cfg.sampling.eta:g} |
+| sampling | {"flow-matching Euler" if families.get(flavour).flow else "DDIM"}, T = {cfg.sampling.num_steps}, guidance {cfg.sampling.guidance_scale:g}, eta {cfg.sampling.eta:g} |
 | LoRA | rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}, on {", ".join(cfg.lora.target_modules)} |
 | optimizer | AdamW, lr {cfg.optim.lr:g}, grad clip {cfg.optim.grad_clip:g} |
 | steps x batch | {t.steps} x {t.batch_size} per worker x {t.num_workers} worker(s) |

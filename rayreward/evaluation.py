@@ -50,9 +50,9 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
     amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
     c = models.load_components(cfg.model)
     for i, lora in enumerate(loras):
-        lora_io.load_lora(c.unet, lora.path, f"eval{i}")
+        lora_io.load_lora(c.denoiser, lora.path, f"eval{i}")
     if amp is not None:  # nothing trains here: the whole UNet, adapters too, in the compute dtype
-        c.unet.to(amp)
+        c.denoiser.to(amp)
     c.to(device, amp)
     variants = [("base", None, 0.0)] + [(lora.name, f"eval{i}", lora.scale) for i, lora in enumerate(loras)]
     images: dict[str, torch.Tensor] = {}
@@ -62,10 +62,10 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
         bar.set_postfix_str(name)
         if adapter is None:
             if loras:
-                c.unet.disable_lora()
+                c.denoiser.disable_lora()
         else:
-            c.unet.enable_lora()
-            c.unet.set_adapters([adapter], [scale])
+            c.denoiser.enable_lora()
+            c.denoiser.set_adapters([adapter], [scale])
         chunks = []
         for i in range(0, len(prompts), batch):
             chunks.append(render.render(c, prompts[i:i + batch], seeds, cfg.sampling, cfg.model.resolution, device, amp))

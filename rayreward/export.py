@@ -38,7 +38,11 @@ def to_kohya(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     """The kohya-layout tensors and safetensors metadata of a rayreward LoRA file or folder."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    state = {f"unet.{k}": v for k, v in lora_io.read_lora_state(path).items()}
+    raw = lora_io.read_lora_state(path)
+    if lora_io.lora_prefix(path) != "unet":
+        raise lora_io.LoraFileError(f"LoRA {str(path)!r} is a transformer LoRA (SD3); --format kohya writes SD / SDXL "
+                                    "UNet LoRAs only, for now: load the diffusers file itself")
+    state = {f"unet.{k}": v for k, v in raw.items()}
     alpha = _alpha(path)
     kohya = convert_state_dict_to_kohya(state)
     kohya = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()) for k, v in kohya.items()}

@@ -1,6 +1,7 @@
-"""LoRA files (safetensors, diffusers layout) of a UNet's peft adapter: save, read, load as a new
-adapter, load into an existing adapter (resume), apply several with weights (DRaFT's scaling and
-mixing). `models.add_lora` adds the adapter that training fits.
+"""LoRA files (safetensors, diffusers layout) of a denoiser's peft adapter: save, read, load as a
+new adapter, load into an existing adapter (resume), apply several with weights (DRaFT's scaling
+and mixing). `models.add_lora` adds the adapter that training fits. Keys carry the family's
+prefix (`unet.` for SD / SDXL, `transformer.` for SD3), as the stock pipelines write and read them.
 
 Every load checks that each saved tensor landed in the adapter: peft only warns about keys it
 could not place, which would leave part of a LoRA silently unused. Only safetensors are read, so
@@ -21,10 +22,21 @@ from rayreward.errors import LoraFileError
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def pipeline_class(flavour: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+PREFIXES = ("unet", "transformer")  # what a family's LoRA keys start with
 
-    return StableDiffusionXLPipeline if flavour == "sdxl" else StableDiffusionPipeline
+
+def pipeline_class(flavour: str):
+    """The stock pipeline class of a model family (its save_lora_weights / load_lora_weights)."""
+    import diffusers
+
+    from rayreward import families
+
+    return getattr(diffusers, families.get(flavour).pipeline_class)
+
+
+def prefix_of(denoiser: torch.nn.Module) -> str:
+    """The LoRA key prefix of a denoiser: "unet" for a UNet, "transformer" otherwise."""
+    return "unet" if type(denoiser).__name__.startswith("UNet") else "transformer"
 
 
 def _check_finite(state: dict[str, torch.Tensor], what: str) -> None:
@@ -52,9 +64,17 @@ def save_lora(unet: torch.nn.Module, folder: str | os.PathLike, flavour: str, ad
     meta = unet.peft_config[adapter_name].to_dict()
     meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in meta.items()}
     Path(folder).mkdir(parents=True, exist_ok=True)
-    pipeline_class(flavour).save_lora_weights(str(folder), unet_lora_layers=state, unet_lora_adapter_metadata=meta,
+    kind = prefix_of(unet)
+    pipeline_class(flavour).save_lora_weights(str(folder), **{f"{kind}_lora_layers": state,
+                                                               f"{kind}_lora_adapter_metadata": meta},
                                                safe_serialization=True)
     return Path(folder) / LORA_WEIGHT_NAME
+
+
+def file_prefix(state: dict) -> str:
+    """The denoiser prefix a LoRA state's keys carry ("unet" when none does: older files)."""
+    found = [p for p in PREFIXES if any(k.startswith(p + ".") for k in state)]
+    return found[0] if found else "unet"
 
 
 def lora_file(path: str | os.PathLike) -> Path:
@@ -68,9 +88,11 @@ def lora_file(path: str | os.PathLike) -> Path:
     return f
 
 
-def read_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A LoRA file's UNet tensors in peft naming (`<module>.lora_A.weight`), checked finite.
-    Files in the older diffusers naming (`lora.down`/`lora.up`, also mixed) are converted."""
+def read_lora_state(path: str | os.PathLike, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA file's denoiser tensors in peft naming (`<module>.lora_A.weight`), checked finite;
+    `prefix` is the denoiser's ("unet" or "transformer"; None: the one the file's keys carry): a
+    LoRA whose keys carry the other one was trained on another family and is refused, naming both. Files in the older diffusers
+    naming (`lora.down`/`lora.up`, also mixed) are converted."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -80,9 +102,16 @@ def read_lora_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = load_file(str(f))
     except (SafetensorError, OSError) as e:
         raise LoraFileError(f"LoRA {str(path)!r}: {f} is not a readable safetensors file ({e})") from None
-    state = {k.removeprefix("unet."): v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    state = {k: v for k, v in state.items() if not k.startswith(("text_encoder", "te_"))}
+    if prefix is None:
+        prefix = file_prefix(state)
+    others = sorted({k.split(".")[0] for k in state if k.split(".")[0] in PREFIXES and k.split(".")[0] != prefix})
+    if others and not any(k.startswith(prefix + ".") for k in state):
+        raise LoraFileError(f"LoRA {str(path)!r} is a LoRA of a {others[0]} (its keys start with {others[0]!r}), and "
+                            f"this model's denoiser is a {prefix}: it was trained on another model family")
+    state = {k.removeprefix(prefix + "."): v for k, v in state.items()}
     if not state:
-        raise LoraFileError(f"LoRA {str(path)!r}: {f} holds no UNet LoRA weights")
+        raise LoraFileError(f"LoRA {str(path)!r}: {f} holds no {prefix} LoRA weights")
     _check_finite(state, f"LoRA {str(path)!r}")
     # converted key by key, so a file mixing both namings is read whole
     out = {}
@@ -111,9 +140,10 @@ def _assert_all_used(unet: torch.nn.Module, state: dict[str, torch.Tensor], adap
 
 def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
     """Add the LoRA at `path` to the UNet as a new adapter; every saved weight must be used."""
-    state = read_lora_state(path)
+    prefix = prefix_of(unet)
+    state = read_lora_state(path, prefix)
     _check_shapes(unet, state, path)
-    unet.load_lora_adapter({f"unet.{k}": v for k, v in state.items()}, prefix="unet", adapter_name=adapter_name,
+    unet.load_lora_adapter({f"{prefix}.{k}": v for k, v in state.items()}, prefix=prefix, adapter_name=adapter_name,
                            metadata=lora_metadata(path))
     _assert_all_used(unet, state, adapter_name, path)
 
@@ -127,7 +157,7 @@ def _check_shapes(unet: torch.nn.Module, state: dict[str, torch.Tensor], path) -
         m = modules.get(name)
         if m is None:
             raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: it has weights for {name!r}, which "
-                                "this UNet does not have. Was it trained on another base model?")
+                                "this model's denoiser does not have. Was it trained on another base model?")
         base = getattr(m, "base_layer", m)
         fan_in = getattr(base, "in_features", getattr(base, "in_channels", None))
         fan_out = getattr(base, "out_features", getattr(base, "out_channels", None))
@@ -137,6 +167,14 @@ def _check_shapes(unet: torch.nn.Module, state: dict[str, torch.Tensor], path) -
             raise LoraFileError(f"LoRA {str(path)!r} does not fit this model: {key} has shape {tuple(v.shape)}, "
                                 f"but {name} is a {type(base).__name__} of {fan_in} -> {fan_out}. Was it trained on "
                                 "another base model?")
+
+
+def lora_prefix(path) -> str:
+    """The denoiser prefix of a LoRA file's keys: "unet" (SD, SDXL) or "transformer" (SD3)."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), framework="pt") as f:
+        return file_prefix(dict.fromkeys(f.keys()))
 
 
 def lora_metadata(path) -> dict | None:
@@ -155,7 +193,7 @@ def load_lora_weights_into(unet: torch.nn.Module, source: str | os.PathLike | di
     an existing adapter (resume); names and shapes must match, every tensor must be used."""
     from peft.utils import set_peft_model_state_dict
 
-    state, path = (source, what) if isinstance(source, dict) else (read_lora_state(source), source)
+    state, path = (source, what) if isinstance(source, dict) else (read_lora_state(source, prefix_of(unet)), source)
     _check_shapes(unet, state, path)
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
     _assert_all_used(unet, state, adapter_name, path)

@@ -82,13 +82,13 @@ class RunOutputs:
             fileio.write_bytes(folder / name, data)
         return folder
 
-    def finish(self, row: dict) -> str:
+    def finish(self, row: dict, flavour: str = "sd") -> str:
         """After the last step and the end grid: the model card, the LoRA to the trackers, the
-        curve. Returns the grids' change ("symmetry -0.0335 -> -0.0159, ...", "" without both)."""
+        curve; `flavour`: the model family (its tags, its pipeline). Returns the grids' change ("symmetry -0.0335 -> -0.0159, ...", "" without both)."""
         from rayreward import card
 
         card.write(self.cfg, self.out / "lora", row, {"start": self.out / "grid_start.png",
-                                                       "end": self.out / "grid_end.png"})
+                                                       "end": self.out / "grid_end.png"}, flavour)
         self.trackers.log_lora(self.out / "lora")
         self.plot()
         return runfolder.grid_change(self.out / "grid_scores.csv")

@@ -19,8 +19,8 @@ def render(c: models.Components, prompts: Sequence[str], seeds: Sequence[int], s
     Shape: (len(prompts) * len(seeds), 3, H, W), in [0, 1]. Full chain, no gradient."""
     pairs = [(p, s) for p in prompts for s in seeds]
     cond = models.encode_prompts(c, [p for p, _ in pairs], sampling_cfg.negative_prompt, resolution, device)
-    denoise = models.make_denoiser(c.unet if unet is None else unet, cond, sampling_cfg.guidance_scale, amp)
-    schedule = sampling.Schedule.from_scheduler(c.scheduler, sampling_cfg.num_steps).to(device)
+    denoise = models.make_denoiser(c.denoiser if unet is None else unet, cond, sampling_cfg.guidance_scale, amp)
+    schedule = models.make_schedule(c, sampling_cfg.num_steps, resolution).to(device)
     x_T = models.initial_noise([s for _, s in pairs], c, resolution, device)
     res = sampling.sample(denoise, schedule, x_T, methods.plan_inference(sampling_cfg.num_steps), eta=0.0)
     return models.decode(c.vae, res.latents).cpu()

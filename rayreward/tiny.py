@@ -1,5 +1,5 @@
-"""Tiny random-initialised models of the real classes, built offline and cached: the `tiny` and
-`tiny-sdxl` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
+"""Tiny random-initialised models of the real classes, built offline and cached: the `tiny`,
+`tiny-sdxl` and `tiny-sd3` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
 
 One builder for all of them (`cached`): a model is built once into
 `$RAYREWARD_CACHE` (default ~/.cache/rayreward) under a name that holds its kind, seed, version
@@ -23,7 +23,7 @@ import torch
 
 from rayreward.errors import ModelLoadError
 
-VERSIONS = {"sd": 1, "sdxl": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
+VERSIONS = {"sd": 1, "sdxl": 1, "sd3": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
 
 
 def cache_dir() -> Path:
@@ -45,13 +45,13 @@ def complete(folder: Path) -> bool:
     model's folder (config.json) with its weights."""
     if (folder / "model_index.json").is_file():
         index = json.loads((folder / "model_index.json").read_text())
-        weights = {"unet", "vae", "text_encoder", "text_encoder_2"}
+        weights = {"unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"}
         return all(any((folder / name).glob("*.safetensors")) for name in index if name in weights)
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def folder(kind: str, seed: int = 0) -> Path:
-    """The cached folder of tiny model `kind` ("sd", "sdxl" or "clip") from `seed`, built on first use."""
+    """The cached folder of tiny model `kind` ("sd", "sdxl", "sd3" or "clip") from `seed`, built on first use."""
     if kind not in BUILDERS:
         raise ValueError(f"tiny model {kind!r} is unknown; allowed: {', '.join(BUILDERS)}")
     target = cache_dir() / f"tiny-{kind}-seed{seed}-v{VERSIONS[kind]}-{format_tag()}"
@@ -146,6 +146,35 @@ def build_pipeline(flavour: str, seed: int):
                                          tokenizer_2=tok, unet=unet, scheduler=scheduler)
 
 
+def build_sd3(seed: int):
+    """Random-initialised tiny SD3 pipeline of the real classes: an SD3Transformer2DModel (16
+    latent channels, patch 2), a VAE with SD3's scaling and shift, two CLIP encoders with
+    projection and a T5 encoder (the byte tokenizer for all three), the flow-matching scheduler
+    with SD3's shift."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = tokenizer(Path(tmp) / "tok")
+        text_cfg = dict(_text_config(tok), projection_dim=32)
+        # CLIP hidden states 32 + 32 = T5's 64 = joint_attention_dim; pooled 32 + 32 = 64
+        transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                            caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer_2=tok,
+            text_encoder_3=t5, tokenizer_3=tok)
+
+
 def _save_clip(seed: int, out: Path) -> None:
     """A tiny CLIPModel with its tokenizer and image processor (32 px images)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -164,6 +193,7 @@ def _save_clip(seed: int, out: Path) -> None:
 BUILDERS = {
     "sd": lambda seed, out: build_pipeline("sd", seed).save_pretrained(out),
     "sdxl": lambda seed, out: build_pipeline("sdxl", seed).save_pretrained(out),
+    "sd3": lambda seed, out: build_sd3(seed).save_pretrained(out),
     "clip": _save_clip,
 }
 

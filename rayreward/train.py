@@ -176,7 +176,7 @@ class Worker:
     world: int
     amp: torch.dtype | None  # the frozen weights' dtype (bf16/fp16 on CUDA; None: fp32); the LoRA stays fp32
     c: models.Components  # UNet (with LoRA), VAE, text encoder(s), tokenizer(s), scheduler
-    unet: torch.nn.Module  # what the chain calls: c.unet, or its torch.compile (train.compile)
+    unet: torch.nn.Module  # what the chain calls: c.denoiser, or its torch.compile (train.compile)
     params: list[torch.nn.Parameter]  # the LoRA parameters, the only ones trained
     sync: GradSync
     optimizer: torch.optim.AdamW
@@ -195,23 +195,23 @@ class Worker:
         if rank == 0 and components is None:
             print(f"[rayreward] model {cfg.model.name} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         if self.amp is not None:
-            self.c.unet.to(self.amp)
+            self.c.denoiser.to(self.amp)
         self.c.to(device, self.amp)
-        self.params = models.add_lora(self.c.unet, cfg.lora, seed=cfg.train.seed)
+        self.params = models.add_lora(self.c.denoiser, cfg.lora, seed=cfg.train.seed)
         if cfg.train.vae_checkpointing:  # diffusers recomputes the decoder's blocks in backward
             self.c.vae.enable_gradient_checkpointing()
-        self.unet = models.compile_unet(self.c.unet, cfg.train.compile)
+        self.unet = models.compile_unet(self.c.denoiser, cfg.train.compile)
         self.sync = GradSync(self.params, world)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                            eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-        self.schedule = sampling.Schedule.from_scheduler(self.c.scheduler, cfg.sampling.num_steps).to(device)
+        self.schedule = models.make_schedule(self.c, cfg.sampling.num_steps, cfg.model.resolution).to(device)
         self.prompts = cfg.training_prompts()
         self._reward_checked = False  # the first grad-carrying step checks the reward has a gradient
 
     def restore(self, resume: Resume):
         """LoRA and AdamW moments from a checkpoint; the hyper-parameters are this config's (the
         optimizer state would otherwise bring back the learning rate it was saved with)."""
-        lora_io.load_lora_weights_into(self.c.unet, resume.lora_state, what=f"checkpoint {resume.folder}")
+        lora_io.load_lora_weights_into(self.c.denoiser, resume.lora_state, what=f"checkpoint {resume.folder}")
         self.optimizer.load_state_dict(resume.optimizer_state)
         o = self.cfg.optim
         for group in self.optimizer.param_groups:
@@ -229,7 +229,7 @@ class Worker:
         gens = [torch.Generator().manual_seed(_seed(seed, step, "sample", i)) for i in mine]
         prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
         side = cfg.model.resolution // self.c.vae_scale_factor
-        x_T = torch.cat([torch.randn((1, self.c.unet.config.in_channels, side, side), generator=g) for g in gens])
+        x_T = torch.cat([torch.randn((1, self.c.family.latent_channels(self.c), side, side), generator=g) for g in gens])
         plan = methods.make_plan(cfg.method, cfg.sampling.num_steps, B,
                                   torch.Generator().manual_seed(_seed(seed, step, "plan")), sample_gens=gens)
         noise = [torch.Generator().manual_seed(_seed(seed, step, "noise", i)) for i in mine]
@@ -460,16 +460,16 @@ def _report(report, row: dict, w: Worker, step: int, tally: Tally, cfg: config_m
         report(row, None)
         return
     with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
-        report(row, write_checkpoint(Path(tmp), w.c.unet, w.c.flavour, w.optimizer, step + 1, tally.skipped, cfg,
+        report(row, write_checkpoint(Path(tmp), w.c.denoiser, w.c.flavour, w.optimizer, step + 1, tally.skipped, cfg,
                                      tally.calls))
 
 
 def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, written, grid_prompts: list[str]) -> None:
     """Rank 0, after the last step: the final LoRA (first: nothing after it can lose it), the end
     grid and its change against the start grid, the model card, the trackers, the curve."""
-    written.lora(lora_files(w.c.unet, w.c.flavour))
+    written.lora(lora_files(w.c.denoiser, w.c.flavour))
     w.grid(grid_prompts, "end", written, step=int(row.get("step", resume.step - 1)) + 1)
-    change = written.finish(row)
+    change = written.finish(row, w.c.flavour)
     if change:
         print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
               f"start -> end: {change}", flush=True)

@@ -15,7 +15,9 @@ from helpers import quick_cfg, rows
     # K = 1 with an early stop: steps 0 and 5 train nothing (no worker may step the optimizer)
     ["method.name=drtune", "method.k=1", "method.early_stop_m=4"],
     ["method.name=draft_lv"],  # the re-noised copies, drawn per sample
-], ids=["drtune_empty_steps", "draft_lv"])
+    # a flow-matching chain (an ODE: no step noise), DRTune with its sg(x_t)
+    ["model.name=tiny-sd3", "sampling.eta=0", "method.name=drtune", "method.k=2", "method.early_stop_m=2"],
+], ids=["drtune_empty_steps", "draft_lv", "sd3_drtune"])
 def test_two_workers_stay_in_sync_and_equal_one_worker_on_the_union(tmp_path, ray_session, method):
     # AdamW's first update is ~lr * sign(g): a gradient at float-noise level (1e-10) could flip
     # sign between the two summation orders; eps=1e-6 keeps such noise from being amplified.

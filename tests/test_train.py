@@ -32,10 +32,10 @@ def test_reward_loss_forms():
     assert torch.equal(reward_loss(r, LossConfig("absolute", margin=2.0)), torch.tensor([1.0, 1.0]))
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3"])
 @pytest.mark.parametrize("method,trained", [("drtune", {1, 2}), ("draft", {4}), ("draft_k", {2}), ("draft_lv", {1}),
                                             ("refl", {1}), ("alignprop", {1, 2, 3, 4})])
-def test_every_method_trains_on_both_flavours(tmp_path, model, method, trained):
+def test_every_method_trains_on_every_family(tmp_path, model, method, trained):
     cfg = quick_cfg(tmp_path, f"model.name={model}", f"method.name={method}", "method.refl_window=[1, 2]")
     last = train.run_training(cfg)
     log = rows(tmp_path / "metrics.csv")
@@ -144,13 +144,15 @@ def test_a_unet_call_budget_ends_the_run_and_survives_a_resume(tmp_path):
     assert len(more) > len(log) and int(more[-1]["unet_calls_total"]) >= 14 > int(more[-2]["unet_calls_total"])
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a DDIM chain and a flow-matching one
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, model):
     """All randomness of a step comes from (seed, step, rank): 2 steps + resume + 2 steps == 4 steps."""
-    train.run_training(quick_cfg(tmp_path / "full", "train.steps=4"))
+    m = f"model.name={model}"
+    train.run_training(quick_cfg(tmp_path / "full", "train.steps=4", m))
     saved = {}  # the staged checkpoint folder is removed once reported: read it in the callback
-    train.run_training(quick_cfg(tmp_path / "part", "train.steps=2"),
+    train.run_training(quick_cfg(tmp_path / "part", "train.steps=2", m),
                        report=lambda row, folder: folder and saved.update(resume=runfolder.read_checkpoint(folder)))
-    train.run_training(quick_cfg(tmp_path / "part", "train.steps=4"), resume=saved["resume"])
+    train.run_training(quick_cfg(tmp_path / "part", "train.steps=4", m), resume=saved["resume"])
     full, part = rows(tmp_path / "full/metrics.csv"), rows(tmp_path / "part/metrics.csv")
     assert [int(r["step"]) for r in part] == [0, 1, 2, 3]
     for a, b in zip(full, part):
@@ -187,18 +189,21 @@ def test_sample_cli_renders_a_grid_with_scaled_loras(tmp_path):
     assert proc.returncode == 2 and "nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("method,eta", [("draft", 0.5), ("draft_lv", 0.0), ("draft_lv", 0.5)])
-def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta):
+@pytest.mark.parametrize("method,eta,model", [("draft", 0.5, "tiny"), ("draft_lv", 0.0, "tiny"), ("draft_lv", 0.5, "tiny"),
+                                              ("draft_lv", 0.0, "tiny-sd3")])
+def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta, model):
     """Worker 1 of 2 (batch 2) samples exactly rows 2..3 of 1 worker with batch 4, step noise and
-    DRaFT-LV copies included (both are drawn per global sample)."""
-    common = [f"method.name={method}", f"sampling.eta={eta}"]
+    DRaFT-LV copies included (both are drawn per global sample), on a DDIM and a flow chain."""
+    common = [f"method.name={method}", f"sampling.eta={eta}", f"model.name={model}"]
     one = make_worker(quick_cfg(tmp_path, "train.batch_size=4", *common), "cpu")
     two = make_worker(quick_cfg(tmp_path, "train.batch_size=2", *common), "cpu", rank=1, world=2)
     _, _, res_one = one.forward_backward(3)
     _, _, res_two = two.forward_backward(3)
     n = res_one.copies
     want = res_one.latents.detach().view(n, 4, -1)[:, 2:]
-    assert torch.allclose(res_two.latents.detach().view(n, 2, -1), want, atol=1e-6, rtol=0)
+    # float noise of batched matmuls only (measured: 0 on the UNet, 2.4e-6 on SD3's joint
+    # attention, latents of size ~3); another sample would differ by O(1)
+    assert torch.allclose(res_two.latents.detach().view(n, 2, -1), want, atol=1e-5, rtol=0)
 
 
 def test_draft_lv_hinge_loss_is_the_mean_of_the_copies_losses():

@@ -1,0 +1,178 @@
+"""Model families, one module each: how a family loads, encodes prompts, calls its denoiser,
+schedules its chain and maps latents to images. The sampler and the methods are the same for all.
+
+| family | module | denoiser | chain | guidance |
+|---|---|---|---|---|
+| `sd` (SD 1.x/2.x) | `sd.py` | UNet2DConditionModel | DDIM (epsilon or v) | CFG |
+| `sdxl` | `sdxl.py` | UNet2DConditionModel + pooled text, time ids | DDIM | CFG |
+| `sd3` (SD3, SD3.5) | `sd3.py` | SD3Transformer2DModel | flow-matching Euler, shift | CFG |
+
+A family is detected from a pipeline folder's `model_index.json` (`_class_name`, then its
+components); `model.flavour` names one to skip detection. Adding a family is one module here
+with a `Family` subclass, its entry in `FAMILIES`, and its test: the trainer, `sample`, `eval`,
+the LoRA files and the budget check read everything from the `Family`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+    from rayreward.sampling import Denoiser, Schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# What a family loads and what its prompt encoding gives.
+
+
+@dataclass
+class Components:
+    denoiser: "torch.nn.Module"  # the network of the chain: a UNet (SD, SDXL) or a transformer (SD3)
+    vae: "torch.nn.Module"
+    text_encoders: list  # SD: [CLIP]; SDXL: [CLIP, CLIP with projection]; SD3: [CLIP, CLIP, T5 or None]
+    tokenizers: list
+    scheduler: object  # diffusers DDIMScheduler (SD, SDXL) or FlowMatchEulerDiscreteScheduler (SD3)
+    flavour: str  # the model family: a key of rayreward.families (sd, sdxl, sd3)
+    source: str  # the folder or hub id it came from
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is a zero embedding
+    stock: object = None  # the family's stock pipeline on these modules, once built (families.Family.pipeline)
+
+    @property
+    def family(self) -> "Family":
+        return get(self.flavour)
+
+    @property
+    def unet(self) -> "torch.nn.Module":
+        """The denoiser under its SD / SDXL name."""
+        return self.denoiser
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device, dtype=None) -> "Components":
+        frozen = [self.vae, *(e for e in self.text_encoders if e is not None)]
+        for m in [self.denoiser, *frozen]:
+            m.to(device)
+        if dtype is not None:  # frozen parts only; LoRA parameters stay fp32
+            for m in frozen:
+                m.to(dtype)
+        return self
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch. Shape: embeds (b, L, D); pooled (b, P) (SDXL, SD3), time_ids
+    (b, 6) (SDXL). `family`: whose denoiser reads it."""
+
+    embeds: "torch.Tensor"
+    neg_embeds: "torch.Tensor"
+    pooled: "torch.Tensor | None" = None
+    neg_pooled: "torch.Tensor | None" = None
+    time_ids: "torch.Tensor | None" = None
+    family: str = "sd"
+
+
+# ---------------------------------------------------------------------------------------------
+# The family interface.
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between model families. Subclasses override the methods; the fields are data."""
+
+    name: str
+    pipeline_class: str  # the stock diffusers pipeline: LoRA files, model cards, parity tests
+    denoiser_folder: str  # the pipeline folder's denoiser: "unet" or "transformer"
+    denoiser_class: str  # its diffusers class
+    lora_prefix: str  # the key prefix of its LoRA files ("unet." / "transformer.")
+    flow: bool  # a flow-matching chain (no eta, no v-prediction)
+    tags: tuple[str, ...] = ()  # model card tags
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts'
+
+    # -- what each family implements -----------------------------------------------------------
+    def load(self, src: str, model_cfg, kw: dict) -> "Components":
+        raise NotImplementedError
+
+    def encode(self, c: "Components", prompts: Sequence[str], negative_prompt: str, resolution: int,
+               device) -> "Conditioning":
+        raise NotImplementedError
+
+    def denoiser(self, network, cond: "Conditioning", guidance_scale: float, dtype) -> "Denoiser":
+        raise NotImplementedError
+
+    def schedule(self, c: "Components", num_steps: int, resolution: int) -> "Schedule":
+        from rayreward.sampling import Schedule
+
+        return Schedule.from_scheduler(c.scheduler, num_steps)
+
+    def latent_channels(self, c: "Components") -> int:
+        return int(c.denoiser.config.in_channels)
+
+    def resolution_multiple(self, vae_scale_factor: int, denoiser_config: dict) -> int:
+        """Sides must be a multiple of this (the VAE factor, times a transformer's patch size)."""
+        return vae_scale_factor * int(denoiser_config.get("patch_size", 1) or 1)
+
+    def native_side(self, vae_scale_factor: int, denoiser_config: dict) -> int:
+        return int(denoiser_config["sample_size"]) * vae_scale_factor
+
+    def pipeline(self, c: "Components"):
+        """The stock pipeline on the same modules (nothing is copied)."""
+        raise NotImplementedError
+
+    def check(self, cfg) -> list[str]:
+        """Problems with settings this family does not have ('field: value ...; allowed ...')."""
+        if not self.flow:
+            return []
+        p = []
+        if cfg.sampling.eta != 0:
+            p.append(f"sampling.eta: {cfg.sampling.eta} is not allowed for {cfg.model.name!r} ({self.name}, a "
+                     "flow-matching model): its Euler chain is an ODE with no step noise; need 0")
+        return p
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No "Loading pipeline components" bar: the run prints one line when its model is loaded."""
+    from diffusers.utils import logging as dlog
+
+    was = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            dlog.enable_progress_bar()
+
+
+def _registry() -> dict[str, Family]:
+    from rayreward.families import sd, sd3, sdxl
+
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY)}
+
+
+NAMES = ("sd", "sdxl", "sd3")  # FAMILIES' keys, without importing the modules (config validation stays light)
+
+
+def get(name: str) -> Family:
+    families = _registry()
+    if name not in families:
+        raise ValueError(f"model family {name!r} is unknown; allowed: {', '.join(families)}")
+    return families[name]
+
+
+def detect(index: dict) -> str:
+    """The family of a pipeline folder from its model_index.json."""
+    cls = str(index.get("_class_name", ""))
+    if "StableDiffusion3" in cls or "transformer" in index and "text_encoder_3" in index:
+        return "sd3"
+    if "text_encoder_2" in index or "XL" in cls:
+        return "sdxl"
+    if "unet" in index:
+        return "sd"
+    raise ValueError(f"a {cls or 'pipeline'} with components {sorted(k for k in index if not k.startswith('_'))} "
+                     f"is not a family rayreward knows ({', '.join(NAMES)})")

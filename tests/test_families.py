@@ -1,0 +1,103 @@
+"""Model families: each renders what its stock diffusers pipeline renders, its LoRA files load
+whole into that pipeline, and what a family does not have is refused before Ray starts."""
+
+import pytest
+import torch
+
+from rayreward import budget, config, families, lora_io, methods, models, render, sampling
+from rayreward.errors import LoraFileError
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return models.load_components(config.ModelConfig(name="tiny-sd3"))
+
+
+def stock_images(pipe, prompts, x_T, T, guidance, side):
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(list(prompts), negative_prompt=[""] * len(prompts), num_inference_steps=T,
+                    guidance_scale=guidance, latents=x_T.clone(), height=side, width=side, output_type="pt").images
+
+
+def test_the_family_is_detected_from_the_pipeline_folder(sd3):
+    assert sd3.flavour == "sd3" and type(sd3.denoiser).__name__ == "SD3Transformer2DModel"
+    assert type(sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert models.load_components(config.ModelConfig(name="tiny")).flavour == "sd"
+    assert families.detect({"_class_name": "StableDiffusionXLPipeline", "unet": [], "text_encoder_2": []}) == "sdxl"
+    with pytest.raises(ValueError, match="is not a family rayreward knows"):
+        families.detect({"_class_name": "SomethingElsePipeline", "prior": []})
+    assert set(families.NAMES) == set(families._registry())  # the light list matches the registry
+
+
+def test_the_sd3_chain_renders_what_the_stock_pipeline_renders(sd3):
+    """Same x_T, prompts, guidance and steps: our prompt encoding, flow chain, CFG and decode
+    against StableDiffusion3Pipeline's __call__ on the same modules."""
+    T, side, prompts, seeds = 5, 32, ["a red circle", "a blue square"], [3]
+    ours = render.render(sd3, prompts, seeds, config.SamplingConfig(num_steps=T, guidance_scale=4.0), side, "cpu")
+    x_T = models.initial_noise([3, 3], sd3, side, "cpu")
+    stock = stock_images(sd3.family.pipeline(sd3), prompts, x_T, T, 4.0, side)
+    assert ours.shape == stock.shape == (2, 3, side, side)
+    assert torch.allclose(ours, stock.float(), atol=1e-5), float((ours - stock).abs().max())
+
+
+def test_an_sd3_lora_loads_whole_into_the_stock_pipeline_and_renders_the_same(sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    c = models.load_components(config.ModelConfig(name="tiny-sd3"))
+    params = models.add_lora(c.denoiser, config.LoraConfig(target_modules=list(families.get("sd3").default_targets)))
+    for i, p in enumerate(params):
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(i))
+    path = lora_io.save_lora(c.denoiser, tmp_path, "sd3")
+    saved = lora_io.read_lora_state(path)
+    assert lora_io.lora_prefix(path) == "transformer" and len(saved) == len(params)
+    assert any(".add_q_proj." in k for k in saved) and any(".to_add_out." in k for k in saved)  # both streams
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(c.source)
+    pipe.load_lora_weights(tmp_path)
+    from peft.utils import get_peft_model_state_dict
+
+    placed = get_peft_model_state_dict(pipe.transformer, adapter_name=pipe.transformer.active_adapters()[0])
+    assert set(placed) == set(saved) and all(torch.equal(placed[k], saved[k]) for k in saved)  # every tensor placed
+
+    T, side, prompts = 4, 32, ["a green triangle"]
+    ours = render.render(c, prompts, [5], config.SamplingConfig(num_steps=T, guidance_scale=3.0), side, "cpu")
+    stock = stock_images(pipe, prompts, models.initial_noise([5], c, side, "cpu"), T, 3.0, side)
+    assert torch.allclose(ours, stock.float(), atol=1e-5)
+    plain = render.render(sd3, prompts, [5], config.SamplingConfig(num_steps=T, guidance_scale=3.0), side, "cpu")
+    assert (ours - plain).abs().max() > 1e-3  # the LoRA does change the picture
+
+
+def test_a_lora_of_another_family_is_refused_naming_both(sd3, tmp_path):
+    sd = models.load_components(config.ModelConfig(name="tiny"))
+    models.add_lora(sd.denoiser, config.LoraConfig())
+    path = lora_io.save_lora(sd.denoiser, tmp_path, "sd")
+    with pytest.raises(LoraFileError, match="is a LoRA of a unet .* this model's denoiser is a transformer"):
+        lora_io.load_lora(sd3.denoiser, path, "x")
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["sampling.eta=0.5"], "sampling.eta: 0.5 is not allowed for 'tiny-sd3' (sd3, a flow-matching model)"),
+    (["model.resolution=256"], "model.resolution: 256 is more than 4x the native side of 'tiny-sd3' (32 px)"),
+])
+def test_what_a_flow_family_does_not_have_is_refused_before_ray(sets, needle):
+    with pytest.raises(config.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        budget.check(config.from_dict({"model": {"name": "tiny-sd3"}}, sets))
+
+
+def test_a_resolution_off_the_transformer_patches_is_refused():
+    """SD3's real shapes: VAE factor 8, patch 2, so sides are multiples of 16 (520 is not)."""
+    sk = budget.skeleton(config.ModelConfig(name="tiny-sd3"))
+    real = budget.Skeleton(sk.denoiser, sk.family, sk.family.resolution_multiple(8, {"patch_size": 2}), 8, 128, 1024, 0)
+    with pytest.raises(config.ConfigError, match="model.resolution: 520 is not a multiple of 16"):
+        budget.check(config.from_dict({"model": {"name": "tiny-sd3", "resolution": 520}}), real)
+
+
+def test_the_flow_schedule_of_a_family_is_its_scheduler_s(sd3):
+    sch = models.make_schedule(sd3, 6, 32)
+    assert sch.is_flow and sch.num_steps == 6
+    ref = type(sd3.scheduler).from_config(sd3.scheduler.config)
+    ref.set_timesteps(6)
+    assert torch.allclose(sch.timesteps, ref.timesteps.float()) and torch.allclose(sch.sigma, ref.sigmas[:-1])
+    res = sampling.sample(lambda x, t: torch.zeros_like(x), sch, torch.ones(1, 16, 4, 4), methods.plan_inference(6))
+    assert torch.equal(res.latents, torch.ones(1, 16, 4, 4))  # zero velocity: the chain stays put
