@@ -50,7 +50,8 @@ def tiny_reward_args(tmp_path_factory):
 def tiny(data: dict, reward_args: dict, imagereward_dir) -> dict:
     """A config dict with the tiny model of its flavour and tiny reward weights."""
     data = json.loads(json.dumps(data))
-    data["model"]["name"] = "tiny-sdxl" if "xl" in data["model"]["name"] else "tiny"
+    name = data["model"]["name"]
+    data["model"]["name"] = "tiny-sd3" if "3" in name.split("/")[-1] else "tiny-sdxl" if "xl" in name else "tiny"
     data["model"]["variant"] = None
     for r in data["rewards"]:
         if r["name"] == "imagereward":

@@ -101,3 +101,21 @@ def test_the_flow_schedule_of_a_family_is_its_scheduler_s(sd3):
     assert torch.allclose(sch.timesteps, ref.timesteps.float()) and torch.allclose(sch.sigma, ref.sigmas[:-1])
     res = sampling.sample(lambda x, t: torch.zeros_like(x), sch, torch.ones(1, 16, 4, 4), methods.plan_inference(6))
     assert torch.equal(res.latents, torch.ones(1, 16, 4, 4))  # zero velocity: the chain stays put
+
+
+def test_sample_and_eval_take_an_sd3_lora(tmp_path, capsys):
+    from helpers import ROOT
+
+    from rayreward import cli
+
+    c = models.load_components(config.ModelConfig(name="tiny-sd3"))
+    for i, p in enumerate(models.add_lora(c.denoiser, config.LoraConfig())):
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(i))
+    lora_io.save_lora(c.denoiser, tmp_path / "lora", "sd3")
+    cfg = str(ROOT / "experiments/sd35/tiny.yaml")
+    assert cli.main(["sample", "--config", cfg, "--lora", str(tmp_path / "lora"), "--out", str(tmp_path / "s.png"),
+                     "--prompt", "a cat", "--seeds", "0"]) == 0
+    assert cli.main(["eval", "--config", cfg, "--lora", str(tmp_path / "lora"), "--rewards", "symmetry",
+                     "--out", str(tmp_path / "eval"), "--prompts", "builtin:animals", "--seeds", "0"]) == 0
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "eval/summary.csv").is_file()
+    assert "wrote" in capsys.readouterr().out
