@@ -140,7 +140,7 @@ def check(cfg, sk: Skeleton | None = None, training: bool = True) -> None:
     if side % sk.multiple:
         p.append(f"model.resolution: {side} is not a multiple of {sk.multiple} ({cfg.model.name!r}: "
                  f"{sk.family.name}, its latents and patches); need a multiple of {sk.multiple}")
-    p += sk.family.check(cfg)
+    p += sk.family.check(cfg, dict(sk.denoiser.config))
     if side > MAX_NATIVE_FACTOR * sk.native:
         p.append(f"model.resolution: {side} is more than {MAX_NATIVE_FACTOR}x the native side of "
                  f"{cfg.model.name!r} ({sk.native} px); need <= {MAX_NATIVE_FACTOR * sk.native} "

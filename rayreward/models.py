@@ -36,7 +36,7 @@ def resolve_source(model_cfg) -> str:
         return str(SHAPES_MODEL)
     if model_cfg.name == "tiny":
         return str(tiny.folder("sd", model_cfg.seed))
-    if model_cfg.name in ("tiny-sdxl", "tiny-sd3"):
+    if model_cfg.name in ("tiny-sdxl", "tiny-sd3", "tiny-flux"):
         return str(tiny.folder(model_cfg.name.removeprefix("tiny-"), model_cfg.seed))
     return str(Path(model_cfg.name).expanduser()) if Path(model_cfg.name).expanduser().is_dir() else model_cfg.name
 

@@ -1,5 +1,5 @@
 """Tiny random-initialised models of the real classes, built offline and cached: the `tiny`,
-`tiny-sdxl` and `tiny-sd3` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
+`tiny-sdxl`, `tiny-sd3` and `tiny-flux` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
 
 One builder for all of them (`cached`): a model is built once into
 `$RAYREWARD_CACHE` (default ~/.cache/rayreward) under a name that holds its kind, seed, version
@@ -23,7 +23,7 @@ import torch
 
 from rayreward.errors import ModelLoadError
 
-VERSIONS = {"sd": 1, "sdxl": 1, "sd3": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
+VERSIONS = {"sd": 1, "sdxl": 1, "sd3": 1, "flux": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
 
 
 def cache_dir() -> Path:
@@ -51,7 +51,7 @@ def complete(folder: Path) -> bool:
 
 
 def folder(kind: str, seed: int = 0) -> Path:
-    """The cached folder of tiny model `kind` ("sd", "sdxl", "sd3" or "clip") from `seed`, built on first use."""
+    """The cached folder of tiny model `kind` ("sd", "sdxl", "sd3", "flux" or "clip") from `seed`, built on first use."""
     if kind not in BUILDERS:
         raise ValueError(f"tiny model {kind!r} is unknown; allowed: {', '.join(BUILDERS)}")
     target = cache_dir() / f"tiny-{kind}-seed{seed}-v{VERSIONS[kind]}-{format_tag()}"
@@ -175,6 +175,33 @@ def build_sd3(seed: int):
             text_encoder_3=t5, tokenizer_3=tok)
 
 
+def build_flux(seed: int):
+    """Random-initialised tiny FLUX.1 [dev] pipeline of the real classes: a FluxTransformer2DModel
+    with a guidance embedding (16 latent channels, packed 2x2 into 64), a VAE with FLUX's scaling
+    and shift, CLIP (pooled) and T5 encoders on the byte tokenizer, the resolution-shifted
+    flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = tokenizer(Path(tmp) / "tok")
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                            norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
+                            use_quant_conv=False, use_post_quant_conv=False)
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                    base_image_seq_len=256, max_image_seq_len=4096)
+        return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                            text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(tok))), tokenizer=tok,
+                            text_encoder_2=t5, tokenizer_2=tok)
+
+
 def _save_clip(seed: int, out: Path) -> None:
     """A tiny CLIPModel with its tokenizer and image processor (32 px images)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -194,6 +221,7 @@ BUILDERS = {
     "sd": lambda seed, out: build_pipeline("sd", seed).save_pretrained(out),
     "sdxl": lambda seed, out: build_pipeline("sdxl", seed).save_pretrained(out),
     "sd3": lambda seed, out: build_sd3(seed).save_pretrained(out),
+    "flux": lambda seed, out: build_flux(seed).save_pretrained(out),
     "clip": _save_clip,
 }
 

@@ -51,7 +51,9 @@ def tiny(data: dict, reward_args: dict, imagereward_dir) -> dict:
     """A config dict with the tiny model of its flavour and tiny reward weights."""
     data = json.loads(json.dumps(data))
     name = data["model"]["name"]
-    data["model"]["name"] = "tiny-sd3" if "3" in name.split("/")[-1] else "tiny-sdxl" if "xl" in name else "tiny"
+    last = name.split("/")[-1].lower()
+    data["model"]["name"] = ("tiny-flux" if "flux" in last else "tiny-sd3" if "3" in last else
+                             "tiny-sdxl" if "xl" in last else "tiny")
     data["model"]["variant"] = None
     for r in data["rewards"]:
         if r["name"] == "imagereward":

@@ -8,16 +8,24 @@ from rayreward import budget, config, families, lora_io, methods, models, render
 from rayreward.errors import LoraFileError
 
 
+FLOW = ["tiny-sd3", "tiny-flux"]
+
+
 @pytest.fixture(scope="module")
 def sd3():
     return models.load_components(config.ModelConfig(name="tiny-sd3"))
 
 
 def stock_images(pipe, prompts, x_T, T, guidance, side):
+    """The stock pipeline's images from our x_T (FLUX takes it packed into 2x2 tokens, and has no
+    negative prompt: it is guidance-distilled)."""
     pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=T, guidance_scale=guidance, height=side, width=side, output_type="pt")
     with torch.no_grad():
-        return pipe(list(prompts), negative_prompt=[""] * len(prompts), num_inference_steps=T,
-                    guidance_scale=guidance, latents=x_T.clone(), height=side, width=side, output_type="pt").images
+        if type(pipe).__name__ == "FluxPipeline":
+            b, ch, h, w = x_T.shape
+            return pipe(list(prompts), latents=pipe._pack_latents(x_T.clone(), b, ch, h, w), **kw).images
+        return pipe(list(prompts), negative_prompt=[""] * len(prompts), latents=x_T.clone(), **kw).images
 
 
 def test_the_family_is_detected_from_the_pipeline_folder(sd3):
@@ -30,30 +38,34 @@ def test_the_family_is_detected_from_the_pipeline_folder(sd3):
     assert set(families.NAMES) == set(families._registry())  # the light list matches the registry
 
 
-def test_the_sd3_chain_renders_what_the_stock_pipeline_renders(sd3):
-    """Same x_T, prompts, guidance and steps: our prompt encoding, flow chain, CFG and decode
-    against StableDiffusion3Pipeline's __call__ on the same modules."""
+@pytest.mark.parametrize("name", FLOW)
+def test_a_flow_chain_renders_what_the_stock_pipeline_renders(name):
+    """Same x_T, prompts, guidance and steps: our prompt encoding, flow chain (SD3's shift, FLUX's
+    mu), guidance (SD3's CFG, FLUX's embedding), FLUX's packing and the decode, against the stock
+    pipeline's __call__ on the same modules."""
+    c = models.load_components(config.ModelConfig(name=name))
     T, side, prompts, seeds = 5, 32, ["a red circle", "a blue square"], [3]
-    ours = render.render(sd3, prompts, seeds, config.SamplingConfig(num_steps=T, guidance_scale=4.0), side, "cpu")
-    x_T = models.initial_noise([3, 3], sd3, side, "cpu")
-    stock = stock_images(sd3.family.pipeline(sd3), prompts, x_T, T, 4.0, side)
+    ours = render.render(c, prompts, seeds, config.SamplingConfig(num_steps=T, guidance_scale=4.0), side, "cpu")
+    x_T = models.initial_noise([3, 3], c, side, "cpu")
+    stock = stock_images(c.family.pipeline(c), prompts, x_T, T, 4.0, side)
     assert ours.shape == stock.shape == (2, 3, side, side)
     assert torch.allclose(ours, stock.float(), atol=1e-5), float((ours - stock).abs().max())
 
 
-def test_an_sd3_lora_loads_whole_into_the_stock_pipeline_and_renders_the_same(sd3, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+@pytest.mark.parametrize("name", FLOW)
+def test_a_flow_lora_loads_whole_into_the_stock_pipeline_and_renders_the_same(name, tmp_path):
+    import diffusers
 
-    c = models.load_components(config.ModelConfig(name="tiny-sd3"))
-    params = models.add_lora(c.denoiser, config.LoraConfig(target_modules=list(families.get("sd3").default_targets)))
+    c = models.load_components(config.ModelConfig(name=name))
+    params = models.add_lora(c.denoiser, config.LoraConfig(target_modules=list(c.family.default_targets)))
     for i, p in enumerate(params):
         torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(i))
-    path = lora_io.save_lora(c.denoiser, tmp_path, "sd3")
+    path = lora_io.save_lora(c.denoiser, tmp_path, c.flavour)
     saved = lora_io.read_lora_state(path)
     assert lora_io.lora_prefix(path) == "transformer" and len(saved) == len(params)
     assert any(".add_q_proj." in k for k in saved) and any(".to_add_out." in k for k in saved)  # both streams
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(c.source)
+    pipe = getattr(diffusers, c.family.pipeline_class).from_pretrained(c.source)
     pipe.load_lora_weights(tmp_path)
     from peft.utils import get_peft_model_state_dict
 
@@ -64,7 +76,8 @@ def test_an_sd3_lora_loads_whole_into_the_stock_pipeline_and_renders_the_same(sd
     ours = render.render(c, prompts, [5], config.SamplingConfig(num_steps=T, guidance_scale=3.0), side, "cpu")
     stock = stock_images(pipe, prompts, models.initial_noise([5], c, side, "cpu"), T, 3.0, side)
     assert torch.allclose(ours, stock.float(), atol=1e-5)
-    plain = render.render(sd3, prompts, [5], config.SamplingConfig(num_steps=T, guidance_scale=3.0), side, "cpu")
+    base = models.load_components(config.ModelConfig(name=name))
+    plain = render.render(base, prompts, [5], config.SamplingConfig(num_steps=T, guidance_scale=3.0), side, "cpu")
     assert (ours - plain).abs().max() > 1e-3  # the LoRA does change the picture
 
 
@@ -81,6 +94,7 @@ def test_a_lora_of_another_family_is_refused_naming_both(sd3, tmp_path):
     (["model.resolution=256"], "model.resolution: 256 is more than 4x the native side of 'tiny-sd3' (32 px)"),
 ])
 def test_what_a_flow_family_does_not_have_is_refused_before_ray(sets, needle):
+    """(A FLUX.1 [schnell] run with guidance is refused too: its transformer has no guidance input.)"""
     with pytest.raises(config.ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         budget.check(config.from_dict({"model": {"name": "tiny-sd3"}}, sets))
 
@@ -119,3 +133,13 @@ def test_sample_and_eval_take_an_sd3_lora(tmp_path, capsys):
                      "--out", str(tmp_path / "eval"), "--prompts", "builtin:animals", "--seeds", "0"]) == 0
     assert (tmp_path / "s.png").is_file() and (tmp_path / "eval/summary.csv").is_file()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_flux_model_without_guidance_input_refuses_guidance():
+    sk = budget.skeleton(config.ModelConfig(name="tiny-flux"))
+    schnell = dict(sk.denoiser.config, guidance_embeds=False)
+    cfg = config.from_dict({"model": {"name": "tiny-flux"}, "sampling": {"guidance_scale": 3.5}})
+    assert sk.family.check(cfg, dict(sk.denoiser.config)) == []  # [dev]: guidance is an input
+    assert "a FLUX.1 model without a guidance input ([schnell]) runs without guidance; need 1" in \
+        sk.family.check(cfg, schnell)[0]
+    assert sk.multiple == 4 and sk.native == 256  # VAE factor 2 x 2x2 packing; the pipeline's 128 latents

@@ -6,6 +6,7 @@ schedules its chain and maps latents to images. The sampler and the methods are 
 | `sd` (SD 1.x/2.x) | `sd.py` | UNet2DConditionModel | DDIM (epsilon or v) | CFG |
 | `sdxl` | `sdxl.py` | UNet2DConditionModel + pooled text, time ids | DDIM | CFG |
 | `sd3` (SD3, SD3.5) | `sd3.py` | SD3Transformer2DModel | flow-matching Euler, shift | CFG |
+| `flux` (FLUX.1 dev, schnell) | `flux.py` | FluxTransformer2DModel, 2x2 packed tokens | flow-matching Euler, mu from the token count | distilled: guidance embedding, one call |
 
 A family is detected from a pipeline folder's `model_index.json` (`_class_name`, then its
 components); `model.flavour` names one to skip detection. Adding a family is one module here
@@ -75,6 +76,7 @@ class Conditioning:
     neg_pooled: "torch.Tensor | None" = None
     time_ids: "torch.Tensor | None" = None
     family: str = "sd"
+    ids: "torch.Tensor | None" = None  # FLUX: the text tokens' positions (txt_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +126,9 @@ class Family:
         """The stock pipeline on the same modules (nothing is copied)."""
         raise NotImplementedError
 
-    def check(self, cfg) -> list[str]:
-        """Problems with settings this family does not have ('field: value ...; allowed ...')."""
+    def check(self, cfg, denoiser_config: dict | None = None) -> list[str]:
+        """Problems with settings this family (and this model of it: `denoiser_config`) does not
+        have, as 'field: value ...; allowed ...' lines."""
         if not self.flow:
             return []
         p = []
@@ -150,12 +153,12 @@ def quiet_loading():
 
 
 def _registry() -> dict[str, Family]:
-    from rayreward.families import sd, sd3, sdxl
+    from rayreward.families import flux, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)}
 
 
-NAMES = ("sd", "sdxl", "sd3")  # FAMILIES' keys, without importing the modules (config validation stays light)
+NAMES = ("sd", "sdxl", "sd3", "flux")  # FAMILIES' keys, without importing the modules (config validation stays light)
 
 
 def get(name: str) -> Family:
@@ -168,6 +171,8 @@ def get(name: str) -> Family:
 def detect(index: dict) -> str:
     """The family of a pipeline folder from its model_index.json."""
     cls = str(index.get("_class_name", ""))
+    if cls.startswith("Flux") and "Flux2" not in cls:
+        return "flux"
     if "StableDiffusion3" in cls or "transformer" in index and "text_encoder_3" in index:
         return "sd3"
     if "text_encoder_2" in index or "XL" in cls:
