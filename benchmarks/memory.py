@@ -2,6 +2,7 @@
 
     python benchmarks/memory.py                       # tiny SD-1.x, 64 px, batch 2, T in {10, 20, 50}, K = 2
     python benchmarks/memory.py --steps 10 20 --methods drtune draft --csv out.csv --png out.png
+    python benchmarks/memory.py --model tiny-sd3 --resolution 32 --steps 10 --methods draft --uncond-grad both
 
 One full training step (sample -> decode -> reward -> backward) per cell, on the same draws for
 every T (plan seed fixed). "saved MB" counts the distinct storages autograd keeps for backward,
@@ -59,11 +60,13 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
     prompts = [("a cat", "a dog", "a car", "a tree")[i % 4] for i in range(B)]
     cond = models.encode_prompts(c, prompts, "", cfg.model.resolution, "cpu")
     schedule = models.make_schedule(c, T, cfg.model.resolution)
-    x_T = torch.randn((B, 4, cfg.model.resolution // c.vae_scale_factor, cfg.model.resolution // c.vae_scale_factor), generator=g)
+    side = cfg.model.resolution // c.vae_scale_factor
+    x_T = torch.randn((B, c.family.latent_channels(c), side, side), generator=g)
     counter = SavedBytes(list(c.denoiser.parameters()) + list(c.vae.parameters()))
     t0 = time.perf_counter()
     with (counter if measure else torch.enable_grad()):
-        res = sampling.sample(models.make_denoiser(c.denoiser, cond, cfg.sampling.guidance_scale), schedule, x_T, plan,
+        denoise = models.make_denoiser(c.denoiser, cond, cfg.sampling.guidance_scale, uncond_grad=cfg.sampling.uncond_grad)
+        res = sampling.sample(denoise, schedule, x_T, plan,
                               generator=g, gradient_checkpointing=checkpointing)
         images = models.decode(c.vae, res.latents)
         loss, _, _ = reward_and_loss(reward, cfg.loss, images, prompts, res.copies)
@@ -87,36 +90,38 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--uncond-grad", choices=["on", "off", "both"], default="on",
+                    help="CFG's unconditional branch with gradient (on, exact), without (off), or a row for each")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--png", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     rows = []
-    for method in args.methods:
-        for T in args.steps:
-            cfg = config.from_dict({"model": {"name": args.model, "resolution": args.resolution},
-                                    "sampling": {"num_steps": T},
-                                    "method": {"name": method, "k": args.k, "early_stop_m": max(1, int(0.4 * T)),
-                                               "refl_window": [1, max(1, T // 4)]},
-                                    "train": {"batch_size": args.batch}})
-            c = models.load_components(cfg.model)
-            params = models.add_lora(c.denoiser, cfg.lora)
-            reward = build_composite(cfg.rewards)
-            for ckpt in (False, True):
-                one_step(c, params, reward, cfg, T, ckpt, measure=False)  # warm-up
-                saved, _, n_grad = one_step(c, params, reward, cfg, T, ckpt, measure=True)
-                secs = [one_step(c, params, reward, cfg, T, ckpt, measure=False)[1] for _ in range(args.repeats)]
-                rows.append({"method": method, "T": T, "checkpointing": ckpt, "trained_steps": n_grad,
-                             "saved_MB": saved / 2**20, "s_per_step": statistics.median(secs)})
-                r = rows[-1]
-                print(f"{method:10s} T={T:3d} ckpt={str(ckpt):5s} trained={n_grad:3d} "
-                      f"saved={r['saved_MB']:9.2f} MB  {r['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
+    grads = {"on": [True], "off": [False], "both": [True, False]}[args.uncond_grad]
+    for method, T, uncond in ((m, T, u) for m in args.methods for T in args.steps for u in grads):
+        cfg = config.from_dict({"model": {"name": args.model, "resolution": args.resolution},
+                                "sampling": {"num_steps": T, "uncond_grad": uncond},
+                                "method": {"name": method, "k": args.k, "early_stop_m": max(1, int(0.4 * T)),
+                                           "refl_window": [1, max(1, T // 4)]},
+                                "train": {"batch_size": args.batch}})
+        c = models.load_components(cfg.model)
+        params = models.add_lora(c.denoiser, cfg.lora)
+        reward = build_composite(cfg.rewards)
+        for ckpt in (False, True):
+            one_step(c, params, reward, cfg, T, ckpt, measure=False)  # warm-up
+            saved, _, n_grad = one_step(c, params, reward, cfg, T, ckpt, measure=True)
+            secs = [one_step(c, params, reward, cfg, T, ckpt, measure=False)[1] for _ in range(args.repeats)]
+            rows.append({"method": method, "T": T, "uncond_grad": uncond, "checkpointing": ckpt, "trained_steps": n_grad,
+                         "saved_MB": saved / 2**20, "s_per_step": statistics.median(secs)})
+            r = rows[-1]
+            print(f"{method:10s} T={T:3d} uncond_grad={str(uncond):5s} ckpt={str(ckpt):5s} trained={n_grad:3d} "
+                  f"saved={r['saved_MB']:9.2f} MB  {r['s_per_step']:.3f} s/step", file=sys.stderr, flush=True)
 
     import pandas as pd
 
     df = pd.DataFrame(rows)
-    table = df.pivot_table(index=["method", "checkpointing"], columns="T", values=["saved_MB", "s_per_step"])
+    table = df.pivot_table(index=["method", "uncond_grad", "checkpointing"], columns="T", values=["saved_MB", "s_per_step"])
     table = table.reindex(args.methods, level=0)
     print(f"\nmodel={args.model} resolution={args.resolution} batch={args.batch} K={args.k}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")

@@ -62,6 +62,9 @@ class SamplingConfig:
     guidance_scale: float = 5.0  # classifier-free guidance w; 1 disables the unconditional branch
     eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
     negative_prompt: str = ""  # the unconditional prompt of CFG
+    # CFG's gradient: true (exact) flows through both branches; false runs the unconditional branch
+    # without gradient (less memory, an approximate gradient; what FlowBP does on SD3.5)
+    uncond_grad: bool = True
 
 
 # The `method:` section: `name` (one of METHODS) and every method's parameters with their

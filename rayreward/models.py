@@ -77,11 +77,12 @@ def encode_prompts(c: Components, prompts: Sequence[str], negative_prompt: str, 
 
 
 def make_denoiser(network: torch.nn.Module, cond: Conditioning, guidance_scale: float,
-                  dtype: torch.dtype | None = None) -> Denoiser:
+                  dtype: torch.dtype | None = None, uncond_grad: bool = True) -> Denoiser:
     """denoise(x_t, t) -> guided model output, in fp32, as the family of `cond` calls its network
     (`network`: the denoiser, or its torch.compile). `dtype`: the network's weight dtype when it is
-    not fp32 (families.sd.cfg_denoiser says why there is no autocast)."""
-    return families.get(cond.family).denoiser(network, cond, guidance_scale, dtype)
+    not fp32 (families.sd.cfg_denoiser says why there is no autocast); `uncond_grad` False runs
+    CFG's unconditional branch without gradient (sampling.uncond_grad)."""
+    return families.get(cond.family).denoiser(network, cond, guidance_scale, dtype, uncond_grad)
 
 
 def make_schedule(c: Components, num_steps: int, resolution: int):

@@ -244,7 +244,7 @@ class Worker:
         prompts, x_T, plan, noise = self.draw_batch(step)
         # 2. sample with gradient where the plan says, decode
         cond = models.encode_prompts(self.c, prompts, cfg.sampling.negative_prompt, cfg.model.resolution, self.device)
-        denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp)
+        denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp, cfg.sampling.uncond_grad)
         res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=noise,
                               gradient_checkpointing=cfg.train.gradient_checkpointing)
         images = models.decode(self.c.vae, res.latents)
@@ -323,7 +323,8 @@ class Worker:
         prompts, x_T, plan, _ = self.draw_batch(0)
         cond = models.encode_prompts(self.c, prompts, self.cfg.sampling.negative_prompt, self.cfg.model.resolution,
                                      self.device)
-        denoise = models.make_denoiser(self.unet, cond, self.cfg.sampling.guidance_scale, self.amp)
+        denoise = models.make_denoiser(self.unet, cond, self.cfg.sampling.guidance_scale, self.amp,
+                                       self.cfg.sampling.uncond_grad)
         t, ckpt = self.schedule.timesteps[0], self.cfg.train.gradient_checkpointing
         sampling.call_denoiser(denoise, x_T, t, False, ckpt)
         # grad-carrying calls see sg(x_t) (DRTune), or also an x_t that carries gradient from an

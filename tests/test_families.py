@@ -143,3 +143,30 @@ def test_a_flux_model_without_guidance_input_refuses_guidance():
     assert "a FLUX.1 model without a guidance input ([schnell]) runs without guidance; need 1" in \
         sk.family.check(cfg, schnell)[0]
     assert sk.multiple == 4 and sk.native == 256  # VAE factor 2 x 2x2 packing; the pipeline's 128 latents
+
+
+def test_cfg_without_the_unconditional_gradient_keeps_the_values_and_drops_that_branch_s_share():
+    """sampling.uncond_grad: false. Guided output (1 - w) u + w c: the same values, and the
+    parameter gradient w dc/dp instead of (1 - w) du/dp + w dc/dp."""
+    from rayreward.families import Conditioning
+    from rayreward.families.sd import cfg_denoiser
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+    cond = Conditioning(*(torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2)),
+                        *(torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(2)), family="sd3")
+
+    def call(x, t, emb, pooled):
+        return p * x * emb.mean(dim=(1, 2)).view(-1, 1, 1, 1) + pooled.sum(1).view(-1, 1, 1, 1)
+
+    x, t, w = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64), torch.tensor(500.0), 4.0
+    both = cfg_denoiser(cond, w, None, call)(x, t)
+    (d_both,) = torch.autograd.grad(both.sum(), p)
+    text_only = cfg_denoiser(cond, w, None, call, uncond_grad=False)(x, t)
+    (d_text,) = torch.autograd.grad(text_only.sum(), p)
+    assert torch.allclose(both, text_only)
+    dc = (x * cond.embeds.mean(dim=(1, 2)).view(-1, 1, 1, 1)).sum()
+    du = (x * cond.neg_embeds.mean(dim=(1, 2)).view(-1, 1, 1, 1)).sum()
+    assert torch.allclose(d_both, (1 - w) * du + w * dc) and torch.allclose(d_text, w * dc)
+    with torch.no_grad():  # without a gradient to take, one batched call as before
+        assert torch.allclose(cfg_denoiser(cond, w, None, call, uncond_grad=False)(x, t), both)

@@ -104,7 +104,8 @@ class Family:
                device) -> "Conditioning":
         raise NotImplementedError
 
-    def denoiser(self, network, cond: "Conditioning", guidance_scale: float, dtype) -> "Denoiser":
+    def denoiser(self, network, cond: "Conditioning", guidance_scale: float, dtype,
+                 uncond_grad: bool = True) -> "Denoiser":
         raise NotImplementedError
 
     def schedule(self, c: "Components", num_steps: int, resolution: int) -> "Schedule":

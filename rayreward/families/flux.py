@@ -39,7 +39,7 @@ class Flux(Family):
         # guidance-distilled: no negative branch (the negative prompt is not used)
         return Conditioning(embeds, embeds, pooled, pooled, ids=text_ids, family=self.name)
 
-    def denoiser(self, network, cond, guidance_scale, dtype):
+    def denoiser(self, network, cond, guidance_scale, dtype, uncond_grad=True):  # no CFG: uncond_grad moot
         n_prompts = cond.embeds.shape[0]
         distilled = bool(network.config.guidance_embeds)
         cache: dict[tuple, tuple] = {}

@@ -46,10 +46,11 @@ class SD(Family):
         neg, _ = self._encode(c, [negative_prompt] * len(prompts), device)
         return Conditioning(embeds, neg, family=self.name)
 
-    def denoiser(self, network, cond, guidance_scale, dtype):
+    def denoiser(self, network, cond, guidance_scale, dtype, uncond_grad=True):
         """CFG runs both branches in one UNet call when guidance_scale > 1 (as diffusers does)."""
         return cfg_denoiser(cond, guidance_scale, dtype,
-                            lambda x, t, emb, extra: network(x, t, encoder_hidden_states=emb, added_cond_kwargs=extra).sample)
+                            lambda x, t, emb, extra: network(x, t, encoder_hidden_states=emb, added_cond_kwargs=extra).sample,
+                            uncond_grad)
 
     def pipeline(self, c):
         from diffusers import StableDiffusionPipeline
@@ -59,7 +60,7 @@ class SD(Family):
                                        feature_extractor=None, requires_safety_checker=False)
 
 
-def cfg_denoiser(cond, guidance_scale: float, dtype, call):
+def cfg_denoiser(cond, guidance_scale: float, dtype, call, uncond_grad: bool = True):
     """denoise(x_t, t) -> guided model output, in fp32, for a network called as
     call(x, t, embeds, extra) where `extra` holds the family's other conditioning (SDXL's pooled
     embeds and time ids: `added_cond_kwargs`; SD3's `pooled_projections`). Both CFG branches run
@@ -69,7 +70,13 @@ def cfg_denoiser(cond, guidance_scale: float, dtype, call):
     `dtype`: the network's weight dtype when it is not fp32 (bf16/fp16 on a GPU). The latents and
     the conditioning are cast to it and it runs without autocast, as the stock pipelines do:
     autocast re-dispatches every op of a network whose weights already have that dtype, which was
-    measured at ~40% of a bf16 UNet call. The fp32 LoRA layers cast their own input (peft)."""
+    measured at ~40% of a bf16 UNet call. The fp32 LoRA layers cast their own input (peft).
+
+    `uncond_grad` False (`sampling.uncond_grad: false`): when a gradient is being taken, the
+    unconditional branch runs in its own call under no_grad, so only the text branch keeps
+    activations for backward (about half the denoiser's share of the memory; two calls instead of
+    one batched call). The gradient then omits the unconditional branch's share (1 - w of the
+    guided output's dependence on the LoRA): an approximation, not the exact gradient."""
     cfg = guidance_scale > 1.0
     n_prompts = cond.embeds.shape[0]
     cache: dict[int, tuple[torch.Tensor, dict | None]] = {}
@@ -95,6 +102,12 @@ def cfg_denoiser(cond, guidance_scale: float, dtype, call):
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         emb, extra = conditioning(x.shape[0] // n_prompts)
         x = x if dtype is None else x.to(dtype)
+        if cfg and not uncond_grad and torch.is_grad_enabled():
+            half = emb.shape[0] // 2
+            text = call(x, t, emb[half:], _half(extra, 1)).float()
+            with torch.no_grad():
+                uncond = call(x, t, emb[:half], _half(extra, 0)).float()
+            return torch.lerp(uncond, text, guidance_scale)
         if cfg:
             x = torch.cat([x, x])
         out = call(x, t, emb, extra).float()
@@ -104,6 +117,15 @@ def cfg_denoiser(cond, guidance_scale: float, dtype, call):
         return torch.lerp(uncond, text, guidance_scale)  # uncond + w * (text - uncond), one kernel
 
     return denoise
+
+
+def _half(extra, i: int):
+    """The unconditional (0) or text (1) half of a CFG batch's extra conditioning."""
+    if extra is None:
+        return None
+    if isinstance(extra, dict):
+        return {k: v.chunk(2)[i] for k, v in extra.items()}
+    return extra.chunk(2)[i]
 
 
 FAMILY = SD("sd", "StableDiffusionPipeline", "unet", "UNet2DConditionModel", "unet", flow=False)

@@ -36,12 +36,12 @@ class SD3(Family):
                 negative_prompt=[negative_prompt] * len(prompts), max_sequence_length=self.max_sequence_length)
         return Conditioning(embeds, neg, pooled, neg_pooled, family=self.name)
 
-    def denoiser(self, network, cond, guidance_scale, dtype):
+    def denoiser(self, network, cond, guidance_scale, dtype, uncond_grad=True):
         def call(x, t, emb, pooled):
             return network(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=emb,
                            pooled_projections=pooled, return_dict=False)[0]
 
-        return cfg_denoiser(cond, guidance_scale, dtype, call)
+        return cfg_denoiser(cond, guidance_scale, dtype, call, uncond_grad)
 
     def schedule(self, c, num_steps, resolution):
         from rayreward.sampling import Schedule
