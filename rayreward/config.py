@@ -45,6 +45,9 @@ class ModelConfig:
     variant: str | None = None  # weight-file variant on the hub, e.g. "fp16"
     seed: int = 0  # tiny models only: seed of the random initialisation
     resolution: int = 32  # image side in pixels (SD 1.5: 512, SDXL: 1024)
+    # keep the text encoders on the CPU during training (T5-XXL is 4.7 B parameters): prompts are
+    # encoded there, once per prompt (cached), so the denoiser, its LoRA and the chain own the GPU
+    offload_text_encoders: bool = False
 
 
 @dataclass

@@ -76,6 +76,43 @@ def encode_prompts(c: Components, prompts: Sequence[str], negative_prompt: str, 
     return c.family.encode(c, prompts, negative_prompt, resolution, device)
 
 
+class PromptCache:
+    """Prompt embeddings computed once per prompt: a batch encodes only the prompts it has not
+    seen (in one call), the rest are read back. Keyed by (prompt, negative prompt, resolution)
+    for one model (a worker's); at most `max_prompts` are kept (least recently used go first), so
+    a long prompt file cannot fill the memory. `device`: where the text encoders run (the CPU
+    when they are offloaded); the embeddings are moved to `target`."""
+
+    def __init__(self, c: Components, device, target, max_prompts: int = 4096):
+        import collections
+
+        self.c, self.device, self.target, self.max = c, device, target, max_prompts
+        self.rows: collections.OrderedDict = collections.OrderedDict()
+        self.calls = 0  # encoder calls made (tests and the console)
+
+    FIELDS = ("embeds", "neg_embeds", "pooled", "neg_pooled", "time_ids")
+
+    def __call__(self, prompts: Sequence[str], negative_prompt: str, resolution: int) -> Conditioning:
+        keys = [(p, negative_prompt, resolution) for p in prompts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.rows))
+        if missing:
+            self.calls += 1
+            got = encode_prompts(self.c, [k[0] for k in missing], negative_prompt, resolution, self.device)
+            for i, k in enumerate(missing):
+                row = {f: None if getattr(got, f) is None else getattr(got, f)[i:i + 1].to(self.target)
+                       for f in self.FIELDS}
+                row["ids"] = None if got.ids is None else got.ids.to(self.target)
+                row["family"] = got.family
+                self.rows[k] = row
+        for k in keys:
+            self.rows.move_to_end(k)
+        rows = [self.rows[k] for k in keys]
+        while len(self.rows) > max(self.max, len(set(keys))):
+            self.rows.popitem(last=False)
+        cat = {f: None if rows[0][f] is None else torch.cat([r[f] for r in rows]) for f in self.FIELDS}
+        return Conditioning(**cat, family=rows[0]["family"], ids=rows[0]["ids"])
+
+
 def make_denoiser(network: torch.nn.Module, cond: Conditioning, guidance_scale: float,
                   dtype: torch.dtype | None = None, uncond_grad: bool = True) -> Denoiser:
     """denoise(x_t, t) -> guided model output, in fp32, as the family of `cond` calls its network

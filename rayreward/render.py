@@ -14,11 +14,16 @@ from rayreward import files, methods, models, sampling
 
 @torch.no_grad()
 def render(c: models.Components, prompts: Sequence[str], seeds: Sequence[int], sampling_cfg, resolution: int,
-           device, amp: torch.dtype | None = None, unet: torch.nn.Module | None = None) -> torch.Tensor:
+           device, amp: torch.dtype | None = None, unet: torch.nn.Module | None = None,
+           prompt_cache: models.PromptCache | None = None) -> torch.Tensor:
     """Images for every (prompt, seed) pair, row-major: prompt i, seed j at i * len(seeds) + j.
-    Shape: (len(prompts) * len(seeds), 3, H, W), in [0, 1]. Full chain, no gradient."""
+    Shape: (len(prompts) * len(seeds), 3, H, W), in [0, 1]. Full chain, no gradient. A training
+    worker passes its `prompt_cache` (its text encoders may be on the CPU)."""
     pairs = [(p, s) for p in prompts for s in seeds]
-    cond = models.encode_prompts(c, [p for p, _ in pairs], sampling_cfg.negative_prompt, resolution, device)
+    if prompt_cache is not None:
+        cond = prompt_cache([p for p, _ in pairs], sampling_cfg.negative_prompt, resolution)
+    else:
+        cond = models.encode_prompts(c, [p for p, _ in pairs], sampling_cfg.negative_prompt, resolution, device)
     denoise = models.make_denoiser(c.denoiser if unet is None else unet, cond, sampling_cfg.guidance_scale, amp)
     schedule = models.make_schedule(c, sampling_cfg.num_steps, resolution).to(device)
     x_T = models.initial_noise([s for _, s in pairs], c, resolution, device)

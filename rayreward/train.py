@@ -196,7 +196,10 @@ class Worker:
             print(f"[rayreward] model {cfg.model.name} loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         if self.amp is not None:
             self.c.denoiser.to(self.amp)
-        self.c.to(device, self.amp)
+        offload = cfg.model.offload_text_encoders and device.type != "cpu"
+        self.c.to(device, self.amp, text_encoders=not offload)
+        # prompt embeddings once per prompt, by the text encoders on the device or (offloaded) the CPU
+        self.prompt_cache = models.PromptCache(self.c, torch.device("cpu") if offload else device, device)
         self.params = models.add_lora(self.c.denoiser, cfg.lora, seed=cfg.train.seed)
         if cfg.train.vae_checkpointing:  # diffusers recomputes the decoder's blocks in backward
             self.c.vae.enable_gradient_checkpointing()
@@ -243,7 +246,7 @@ class Worker:
         # 1. this step's prompts, noise and step plan
         prompts, x_T, plan, noise = self.draw_batch(step)
         # 2. sample with gradient where the plan says, decode
-        cond = models.encode_prompts(self.c, prompts, cfg.sampling.negative_prompt, cfg.model.resolution, self.device)
+        cond = self.prompt_cache(prompts, cfg.sampling.negative_prompt, cfg.model.resolution)
         denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp, cfg.sampling.uncond_grad)
         res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=noise,
                               gradient_checkpointing=cfg.train.gradient_checkpointing)
@@ -296,7 +299,7 @@ class Worker:
         """Images of (prompt, seed) pairs, row-major, with the current LoRA. Eager UNet: a grid is
         rendered twice a run, at a batch no training step has, so compiling it would not pay."""
         return render.render(self.c, prompts, seeds, self.cfg.sampling, self.cfg.model.resolution, self.device,
-                             self.amp)
+                             self.amp, prompt_cache=self.prompt_cache)
 
     def grid(self, prompts, label: str, written: RunOutputs, step: int) -> dict[str, float]:
         """Render `prompts` x grid.seeds with the current LoRA, score the images with every reward
@@ -321,8 +324,7 @@ class Worker:
             return 0.0
         t0 = time.perf_counter()
         prompts, x_T, plan, _ = self.draw_batch(0)
-        cond = models.encode_prompts(self.c, prompts, self.cfg.sampling.negative_prompt, self.cfg.model.resolution,
-                                     self.device)
+        cond = self.prompt_cache(prompts, self.cfg.sampling.negative_prompt, self.cfg.model.resolution)
         denoise = models.make_denoiser(self.unet, cond, self.cfg.sampling.guidance_scale, self.amp,
                                        self.cfg.sampling.uncond_grad)
         t, ckpt = self.schedule.timesteps[0], self.cfg.train.gradient_checkpointing

@@ -170,3 +170,31 @@ def test_cfg_without_the_unconditional_gradient_keeps_the_values_and_drops_that_
     assert torch.allclose(d_both, (1 - w) * du + w * dc) and torch.allclose(d_text, w * dc)
     with torch.no_grad():  # without a gradient to take, one batched call as before
         assert torch.allclose(cfg_denoiser(cond, w, None, call, uncond_grad=False)(x, t), both)
+
+
+def test_prompt_embeddings_are_computed_once_per_prompt_and_match_a_fresh_encoding(sd3):
+    cache = models.PromptCache(sd3, "cpu", "cpu", max_prompts=3)
+    a = cache(["a cat", "a dog", "a cat"], "", 32)
+    assert cache.calls == 1 and a.embeds.shape[0] == 3
+    fresh = models.encode_prompts(sd3, ["a cat", "a dog", "a cat"], "", 32, "cpu")
+    for f in models.PromptCache.FIELDS:
+        want, got = getattr(fresh, f), getattr(a, f)
+        assert (want is None and got is None) or torch.equal(want, got), f
+    cache(["a dog", "a cat"], "", 32)
+    assert cache.calls == 1  # nothing new to encode
+    cache(["a tree", "a car"], "", 32)  # a fourth and fifth prompt: the least recently used goes
+    assert cache.calls == 2 and len(cache.rows) == 3 and ("a dog", "", 32) not in cache.rows
+
+
+def test_offloaded_text_encoders_stay_on_the_cpu_and_train_the_same(tmp_path):
+    """model.offload_text_encoders keeps the encoders where they are; on a CPU worker it is the
+    same run (on a GPU the encoders stay on the CPU and the embeddings move)."""
+    from helpers import make_worker, quick_cfg
+
+    w = make_worker(quick_cfg(tmp_path, "model.name=tiny-sd3", "model.offload_text_encoders=true"))
+    assert all(next(e.parameters()).device.type == "cpu" for e in w.c.text_encoders)
+    stats, _, _ = w.forward_backward(0)
+    plain = make_worker(quick_cfg(tmp_path / "b", "model.name=tiny-sd3"))
+    stats_plain, _, _ = plain.forward_backward(0)
+    assert stats.reward_mean == pytest.approx(stats_plain.reward_mean, abs=1e-6)
+    assert w.prompt_cache.calls == 1

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
 @pytest.mark.parametrize("precision,dtype", [("auto", torch.bfloat16), ("fp16", torch.float16)])
 def test_cuda_half_precision_training_step(tmp_path, model, precision, dtype):
     cfg = config.load(ROOT / "experiments/tiny.yaml",
@@ -25,6 +25,18 @@ def test_cuda_half_precision_training_step(tmp_path, model, precision, dtype):
     assert next(w.c.vae.parameters()).dtype == dtype
     row = w.train_step(0)
     assert row["stepped"] == 1 and row["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_offloaded_text_encoders_stay_on_the_cpu_while_the_step_runs_on_cuda(tmp_path, model):
+    cfg = config.load(ROOT / "experiments/tiny.yaml",
+                      [f"output_dir={tmp_path}", f"model.name={model}", "model.offload_text_encoders=true",
+                       "train.steps=2", "train.use_gpu=true"])
+    w = make_worker(cfg, "cuda")
+    assert all(next(e.parameters()).device.type == "cpu" for e in w.c.text_encoders)
+    assert next(w.c.denoiser.parameters()).is_cuda
+    row = w.train_step(0)
+    assert row["stepped"] == 1 and row["grad_norm"] > 0 and w.prompt_cache.calls == 1
 
 
 def test_the_chain_has_no_per_step_host_device_sync(tmp_path):

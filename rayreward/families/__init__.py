@@ -55,12 +55,14 @@ class Components:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def to(self, device, dtype=None) -> "Components":
-        frozen = [self.vae, *(e for e in self.text_encoders if e is not None)]
-        for m in [self.denoiser, *frozen]:
+    def to(self, device, dtype=None, text_encoders: bool = True) -> "Components":
+        """Move the models to `device` (the frozen ones to `dtype` too; LoRA parameters stay fp32).
+        `text_encoders` False leaves them where they are (model.offload_text_encoders: on the CPU)."""
+        encoders = [e for e in self.text_encoders if e is not None] if text_encoders else []
+        for m in [self.denoiser, self.vae, *encoders]:
             m.to(device)
-        if dtype is not None:  # frozen parts only; LoRA parameters stay fp32
-            for m in frozen:
+        if dtype is not None:
+            for m in [self.vae, *encoders]:
                 m.to(dtype)
         return self
 
