@@ -187,10 +187,10 @@ def drtune_parts(w: train.Worker, device, repeats: int) -> dict[str, float]:
     z = x_T.clone().requires_grad_(True)
 
     def vae():
-        models.decode(w.c.vae, z).mean().backward()
+        models.decode_latents(w.c, z).mean().backward()
 
     with torch.no_grad():
-        images = models.decode(w.c.vae, x_T)
+        images = models.decode_latents(w.c, x_T)
 
     def reward():
         im = images.clone().requires_grad_(True)

@@ -60,7 +60,7 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
     prompts = [("a cat", "a dog", "a car", "a tree")[i % 4] for i in range(B)]
     cond = models.encode_prompts(c, prompts, "", cfg.model.resolution, "cpu")
     schedule = models.make_schedule(c, T, cfg.model.resolution)
-    side = cfg.model.resolution // c.vae_scale_factor
+    side = c.family.latent_side(c, cfg.model.resolution)
     x_T = torch.randn((B, c.family.latent_channels(c), side, side), generator=g)
     counter = SavedBytes(list(c.denoiser.parameters()) + list(c.vae.parameters()))
     t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def one_step(c, params, reward, cfg, T: int, checkpointing: bool, measure: bool)
         denoise = models.make_denoiser(c.denoiser, cond, cfg.sampling.guidance_scale, uncond_grad=cfg.sampling.uncond_grad)
         res = sampling.sample(denoise, schedule, x_T, plan,
                               generator=g, gradient_checkpointing=checkpointing)
-        images = models.decode(c.vae, res.latents)
+        images = models.decode_latents(c, res.latents)
         loss, _, _ = reward_and_loss(reward, cfg.loss, images, prompts, res.copies)
     loss.backward()
     seconds = time.perf_counter() - t0

@@ -44,6 +44,7 @@ class Skeleton:
     vae_channels: int  # channels of the decoder's last (full-resolution) block
     native: int  # the model's native image side, in pixels
     weight_bytes: int  # the pipeline folder's weight files (0 when unknown)
+    index: dict | None = None  # its model_index.json
 
 
 def skeleton(model_cfg) -> Skeleton | None:
@@ -69,7 +70,7 @@ def skeleton(model_cfg) -> Skeleton | None:
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     weights = sum(f.stat().st_size for f in Path(src).rglob("*.safetensors")) if Path(src).is_dir() else 0
     return Skeleton(net, family, family.resolution_multiple(factor, net_cfg), factor,
-                    int(vae_cfg["block_out_channels"][0]), family.native_side(factor, net_cfg), weights)
+                    int(vae_cfg["block_out_channels"][0]), family.native_side(factor, net_cfg), weights, dict(index))
 
 
 def lora_layers(denoiser, targets) -> dict[str, tuple[int, int]]:
@@ -140,7 +141,7 @@ def check(cfg, sk: Skeleton | None = None, training: bool = True) -> None:
     if side % sk.multiple:
         p.append(f"model.resolution: {side} is not a multiple of {sk.multiple} ({cfg.model.name!r}: "
                  f"{sk.family.name}, its latents and patches); need a multiple of {sk.multiple}")
-    p += sk.family.check(cfg, dict(sk.denoiser.config))
+    p += sk.family.check(cfg, dict(sk.denoiser.config), sk.index)
     if side > MAX_NATIVE_FACTOR * sk.native:
         p.append(f"model.resolution: {side} is more than {MAX_NATIVE_FACTOR}x the native side of "
                  f"{cfg.model.name!r} ({sk.native} px); need <= {MAX_NATIVE_FACTOR * sk.native} "

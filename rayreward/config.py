@@ -23,7 +23,7 @@ from rayreward import families, files, methods, rewards, storage
 from rayreward.errors import ConfigError
 
 METHODS = tuple(methods.METHODS)
-TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux")  # random-initialised, built into the cache on first use
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2")  # random-initialised, built into the cache on first use
 BUILTIN_MODELS = TINY_MODELS + ("shapes",)  # "shapes": trained on the shapes world, shipped in the package
 FLAVOURS = ("auto",) + families.NAMES  # model families (rayreward/families/)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -36,11 +36,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" (random-initialised, built offline), "shapes" (a 64 px SD-1.x model
+    # "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" (random-initialised, built offline), "shapes" (a 64 px SD-1.x model
     # trained on rayreward's shapes world, shipped in the package), a hub id such as
     # "stable-diffusion-v1-5/stable-diffusion-v1-5", or a local diffusers pipeline folder.
     name: str = "tiny"
-    flavour: str = "auto"  # the model family: "sd" (1.x/2.x), "sdxl", "sd3" (SD3/3.5), "flux" (FLUX.1), or "auto": read from the folder
+    # the model family: "sd" (1.x/2.x), "sdxl", "sd3" (SD3/3.5), "flux" (FLUX.1), "flux2" (FLUX.2
+    # [klein]), or "auto": read from the pipeline folder's model_index.json
+    flavour: str = "auto"
     revision: str | None = None  # hub revision (branch, tag or commit)
     variant: str | None = None  # weight-file variant on the hub, e.g. "fp16"
     seed: int = 0  # tiny models only: seed of the random initialisation

@@ -36,7 +36,7 @@ def resolve_source(model_cfg) -> str:
         return str(SHAPES_MODEL)
     if model_cfg.name == "tiny":
         return str(tiny.folder("sd", model_cfg.seed))
-    if model_cfg.name in ("tiny-sdxl", "tiny-sd3", "tiny-flux"):
+    if model_cfg.name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"):
         return str(tiny.folder(model_cfg.name.removeprefix("tiny-"), model_cfg.seed))
     return str(Path(model_cfg.name).expanduser()) if Path(model_cfg.name).expanduser().is_dir() else model_cfg.name
 
@@ -137,17 +137,17 @@ def compile_unet(unet: torch.nn.Module, mode: str) -> torch.nn.Module:
     return torch.compile(unet, mode=mode, dynamic=False)
 
 
-def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1]. Shape: (b, 4, h, w) -> (b, 3, h * f, w * f). Differentiable."""
-    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
-    dtype = next(vae.parameters()).dtype
-    images = vae.decode((latents / scale + shift).to(dtype)).sample.float()
-    return (images / 2 + 0.5).clamp(0, 1)
+decode = families.vae_decode  # latents -> images through a VAE's scaling and shift
+
+
+def decode_latents(c: Components, latents: torch.Tensor) -> torch.Tensor:
+    """The chain's latents -> images in [0, 1], as the family decodes them. Differentiable."""
+    return c.family.decode(c, latents)
 
 
 def initial_noise(seeds: Sequence[int], c: Components, resolution: int, device) -> torch.Tensor:
     """x_T, one seeded draw per sample (CPU generator: the same on every device)."""
-    h = resolution // c.vae_scale_factor
+    h = c.family.latent_side(c, resolution)
     ch = c.family.latent_channels(c)
     return torch.cat([torch.randn((1, ch, h, h), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 

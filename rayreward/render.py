@@ -28,7 +28,7 @@ def render(c: models.Components, prompts: Sequence[str], seeds: Sequence[int], s
     schedule = models.make_schedule(c, sampling_cfg.num_steps, resolution).to(device)
     x_T = models.initial_noise([s for _, s in pairs], c, resolution, device)
     res = sampling.sample(denoise, schedule, x_T, methods.plan_inference(sampling_cfg.num_steps), eta=0.0)
-    return models.decode(c.vae, res.latents).cpu()
+    return models.decode_latents(c, res.latents).cpu()
 
 
 def grid_image(images: torch.Tensor, rows: int, cols: int, row_labels: Sequence[str] = (),

@@ -1,5 +1,5 @@
 """Tiny random-initialised models of the real classes, built offline and cached: the `tiny`,
-`tiny-sdxl`, `tiny-sd3` and `tiny-flux` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
+`tiny-sdxl`, `tiny-sd3`, `tiny-flux` and `tiny-flux2` pipelines (`model.name`) and the tiny CLIP of the CLIP rewards (`model: tiny`).
 
 One builder for all of them (`cached`): a model is built once into
 `$RAYREWARD_CACHE` (default ~/.cache/rayreward) under a name that holds its kind, seed, version
@@ -23,7 +23,7 @@ import torch
 
 from rayreward.errors import ModelLoadError
 
-VERSIONS = {"sd": 1, "sdxl": 1, "sd3": 1, "flux": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
+VERSIONS = {"sd": 1, "sdxl": 1, "sd3": 1, "flux": 1, "flux2": 1, "clip": 1}  # bump one when its architecture changes, so caches are rebuilt
 
 
 def cache_dir() -> Path:
@@ -51,7 +51,7 @@ def complete(folder: Path) -> bool:
 
 
 def folder(kind: str, seed: int = 0) -> Path:
-    """The cached folder of tiny model `kind` ("sd", "sdxl", "sd3", "flux" or "clip") from `seed`, built on first use."""
+    """The cached folder of tiny model `kind` ("sd", "sdxl", "sd3", "flux", "flux2" or "clip") from `seed`, built on first use."""
     if kind not in BUILDERS:
         raise ValueError(f"tiny model {kind!r} is unknown; allowed: {', '.join(BUILDERS)}")
     target = cache_dir() / f"tiny-{kind}-seed{seed}-v{VERSIONS[kind]}-{format_tag()}"
@@ -202,6 +202,37 @@ def build_flux(seed: int):
                             text_encoder_2=t5, tokenizer_2=tok)
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|startoftext|>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<|endoftext|>{% endif %}")
+
+
+def build_flux2(seed: int):
+    """Random-initialised tiny FLUX.2 [klein] (base) pipeline of the real classes: a
+    Flux2Transformer2DModel (8 latent channels, patchified 2x2 into 32), an AutoencoderKLFlux2
+    with its batch norm, a Qwen3ForCausalLM of 27 layers (the pipeline reads layers 9, 18 and 27)
+    on the byte tokenizer with a chat template, the flow-matching scheduler."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        tok = tokenizer(Path(tmp) / "tok")
+        tok.chat_template = CHAT_TEMPLATE
+        qwen = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=27, num_attention_heads=2, num_key_value_heads=1,
+                                            head_dim=8, max_position_embeddings=1024, pad_token_id=tok.pad_token_id))
+        # three Qwen3 layers of 16 stacked: the transformer's joint_attention_dim is 48
+        transformer = Flux2Transformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                              timestep_guidance_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4),
+                                              guidance_embeds=False)
+        vae = AutoencoderKLFlux2(block_out_channels=(16, 32), latent_channels=8, layers_per_block=1,
+                                 down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                 norm_num_groups=8, sample_size=32, mid_block_add_attention=False)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=qwen, tokenizer=tok, transformer=transformer)
+
+
 def _save_clip(seed: int, out: Path) -> None:
     """A tiny CLIPModel with its tokenizer and image processor (32 px images)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -222,6 +253,7 @@ BUILDERS = {
     "sdxl": lambda seed, out: build_pipeline("sdxl", seed).save_pretrained(out),
     "sd3": lambda seed, out: build_sd3(seed).save_pretrained(out),
     "flux": lambda seed, out: build_flux(seed).save_pretrained(out),
+    "flux2": lambda seed, out: build_flux2(seed).save_pretrained(out),
     "clip": _save_clip,
 }
 

@@ -231,7 +231,7 @@ class Worker:
         mine = range(self.rank * B, (self.rank + 1) * B)
         gens = [torch.Generator().manual_seed(_seed(seed, step, "sample", i)) for i in mine]
         prompts = [self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))] for g in gens]
-        side = cfg.model.resolution // self.c.vae_scale_factor
+        side = self.c.family.latent_side(self.c, cfg.model.resolution)
         x_T = torch.cat([torch.randn((1, self.c.family.latent_channels(self.c), side, side), generator=g) for g in gens])
         plan = methods.make_plan(cfg.method, cfg.sampling.num_steps, B,
                                   torch.Generator().manual_seed(_seed(seed, step, "plan")), sample_gens=gens)
@@ -250,7 +250,7 @@ class Worker:
         denoise = models.make_denoiser(self.unet, cond, cfg.sampling.guidance_scale, self.amp, cfg.sampling.uncond_grad)
         res = sampling.sample(denoise, self.schedule, x_T, plan, eta=cfg.sampling.eta, generator=noise,
                               gradient_checkpointing=cfg.train.gradient_checkpointing)
-        images = models.decode(self.c.vae, res.latents)
+        images = models.decode_latents(self.c, res.latents)
         t_sample = time.perf_counter()
         # 3. reward and loss, in-process or one round trip to a reward actor
         try:

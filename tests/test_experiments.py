@@ -52,7 +52,7 @@ def tiny(data: dict, reward_args: dict, imagereward_dir) -> dict:
     data = json.loads(json.dumps(data))
     name = data["model"]["name"]
     last = name.split("/")[-1].lower()
-    data["model"]["name"] = ("tiny-flux" if "flux" in last else "tiny-sd3" if "3" in last else
+    data["model"]["name"] = ("tiny-flux2" if "flux.2" in last else "tiny-flux" if "flux" in last else "tiny-sd3" if "3" in last else
                              "tiny-sdxl" if "xl" in last else "tiny")
     data["model"]["variant"] = None
     for r in data["rewards"]:

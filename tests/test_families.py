@@ -8,7 +8,7 @@ from rayreward import budget, config, families, lora_io, methods, models, render
 from rayreward.errors import LoraFileError
 
 
-FLOW = ["tiny-sd3", "tiny-flux"]
+FLOW = ["tiny-sd3", "tiny-flux", "tiny-flux2"]
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,8 @@ def stock_images(pipe, prompts, x_T, T, guidance, side):
     pipe.set_progress_bar_config(disable=True)
     kw = dict(num_inference_steps=T, guidance_scale=guidance, height=side, width=side, output_type="pt")
     with torch.no_grad():
+        if type(pipe).__name__ == "Flux2KleinPipeline":  # its negative branch is always the empty prompt
+            return pipe(prompt=list(prompts), latents=x_T.clone(), **kw).images
         if type(pipe).__name__ == "FluxPipeline":
             b, ch, h, w = x_T.shape
             return pipe(list(prompts), latents=pipe._pack_latents(x_T.clone(), b, ch, h, w), **kw).images
@@ -32,6 +34,8 @@ def test_the_family_is_detected_from_the_pipeline_folder(sd3):
     assert sd3.flavour == "sd3" and type(sd3.denoiser).__name__ == "SD3Transformer2DModel"
     assert type(sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert models.load_components(config.ModelConfig(name="tiny")).flavour == "sd"
+    assert families.detect({"_class_name": "Flux2KleinPipeline", "transformer": []}) == "flux2"
+    assert families.detect({"_class_name": "FluxPipeline", "transformer": []}) == "flux"
     assert families.detect({"_class_name": "StableDiffusionXLPipeline", "unet": [], "text_encoder_2": []}) == "sdxl"
     with pytest.raises(ValueError, match="is not a family rayreward knows"):
         families.detect({"_class_name": "SomethingElsePipeline", "prior": []})
@@ -49,6 +53,7 @@ def test_a_flow_chain_renders_what_the_stock_pipeline_renders(name):
     x_T = models.initial_noise([3, 3], c, side, "cpu")
     stock = stock_images(c.family.pipeline(c), prompts, x_T, T, 4.0, side)
     assert ours.shape == stock.shape == (2, 3, side, side)
+    # FLUX.2's pipeline runs its two CFG branches as two calls, we batch them: float noise only
     assert torch.allclose(ours, stock.float(), atol=1e-5), float((ours - stock).abs().max())
 
 
@@ -133,6 +138,15 @@ def test_sample_and_eval_take_an_sd3_lora(tmp_path, capsys):
                      "--out", str(tmp_path / "eval"), "--prompts", "builtin:animals", "--seeds", "0"]) == 0
     assert (tmp_path / "s.png").is_file() and (tmp_path / "eval/summary.csv").is_file()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_distilled_flux2_klein_refuses_guidance():
+    sk = budget.skeleton(config.ModelConfig(name="tiny-flux2"))
+    cfg = config.from_dict({"model": {"name": "tiny-flux2"}, "sampling": {"guidance_scale": 4.0}})
+    assert sk.family.check(cfg, dict(sk.denoiser.config), sk.index) == []  # the base model: CFG
+    distilled = dict(sk.index, is_distilled=True)
+    assert "a distilled FLUX.2 [klein] runs without guidance; need 1" in \
+        sk.family.check(cfg, dict(sk.denoiser.config), distilled)[0]
 
 
 def test_a_flux_model_without_guidance_input_refuses_guidance():

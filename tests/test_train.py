@@ -32,7 +32,7 @@ def test_reward_loss_forms():
     assert torch.equal(reward_loss(r, LossConfig("absolute", margin=2.0)), torch.tensor([1.0, 1.0]))
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"])
 @pytest.mark.parametrize("method,trained", [("drtune", {1, 2}), ("draft", {4}), ("draft_k", {2}), ("draft_lv", {1}),
                                             ("refl", {1}), ("alignprop", {1, 2, 3, 4})])
 def test_every_method_trains_on_every_family(tmp_path, model, method, trained):

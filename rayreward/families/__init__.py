@@ -7,6 +7,7 @@ schedules its chain and maps latents to images. The sampler and the methods are 
 | `sdxl` | `sdxl.py` | UNet2DConditionModel + pooled text, time ids | DDIM | CFG |
 | `sd3` (SD3, SD3.5) | `sd3.py` | SD3Transformer2DModel | flow-matching Euler, shift | CFG |
 | `flux` (FLUX.1 dev, schnell) | `flux.py` | FluxTransformer2DModel, 2x2 packed tokens | flow-matching Euler, mu from the token count | distilled: guidance embedding, one call |
+| `flux2` (FLUX.2 klein) | `flux2.py` | Flux2Transformer2DModel on Qwen3, patchified latents | flow-matching Euler, empirical mu | base: CFG; distilled: one call |
 
 A family is detected from a pipeline folder's `model_index.json` (`_class_name`, then its
 components); `model.flavour` names one to skip detection. Adding a family is one module here
@@ -118,6 +119,14 @@ class Family:
     def latent_channels(self, c: "Components") -> int:
         return int(c.denoiser.config.in_channels)
 
+    def latent_side(self, c: "Components", resolution: int) -> int:
+        """The side of the chain's latents for an image side of `resolution` pixels."""
+        return resolution // c.vae_scale_factor
+
+    def decode(self, c: "Components", latents: "torch.Tensor") -> "torch.Tensor":
+        """The chain's latents -> images in [0, 1], differentiable."""
+        return vae_decode(c.vae, latents)
+
     def resolution_multiple(self, vae_scale_factor: int, denoiser_config: dict) -> int:
         """Sides must be a multiple of this (the VAE factor, times a transformer's patch size)."""
         return vae_scale_factor * int(denoiser_config.get("patch_size", 1) or 1)
@@ -129,9 +138,9 @@ class Family:
         """The stock pipeline on the same modules (nothing is copied)."""
         raise NotImplementedError
 
-    def check(self, cfg, denoiser_config: dict | None = None) -> list[str]:
-        """Problems with settings this family (and this model of it: `denoiser_config`) does not
-        have, as 'field: value ...; allowed ...' lines."""
+    def check(self, cfg, denoiser_config: dict | None = None, index: dict | None = None) -> list[str]:
+        """Problems with settings this family (and this model of it: its denoiser's config, its
+        model_index.json) does not have, as 'field: value ...; allowed ...' lines."""
         if not self.flow:
             return []
         p = []
@@ -139,6 +148,15 @@ class Family:
             p.append(f"sampling.eta: {cfg.sampling.eta} is not allowed for {cfg.model.name!r} ({self.name}, a "
                      "flow-matching model): its Euler chain is an ODE with no step noise; need 0")
         return p
+
+
+def vae_decode(vae, latents: "torch.Tensor") -> "torch.Tensor":
+    """Latents -> images in [0, 1] through the VAE's scaling and shift factors (SD, SDXL, SD3,
+    FLUX.1). Shape: (b, c, h, w) -> (b, 3, h * f, w * f). Differentiable."""
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    dtype = next(vae.parameters()).dtype
+    images = vae.decode((latents / scale + shift).to(dtype)).sample.float()
+    return (images / 2 + 0.5).clamp(0, 1)
 
 
 @contextlib.contextmanager
@@ -156,12 +174,12 @@ def quiet_loading():
 
 
 def _registry() -> dict[str, Family]:
-    from rayreward.families import flux, sd, sd3, sdxl
+    from rayreward.families import flux, flux2, sd, sd3, sdxl
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY)}
+    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, flux2.FAMILY)}
 
 
-NAMES = ("sd", "sdxl", "sd3", "flux")  # FAMILIES' keys, without importing the modules (config validation stays light)
+NAMES = ("sd", "sdxl", "sd3", "flux", "flux2")  # FAMILIES' keys, without importing the modules (config validation stays light)
 
 
 def get(name: str) -> Family:
@@ -174,7 +192,9 @@ def get(name: str) -> Family:
 def detect(index: dict) -> str:
     """The family of a pipeline folder from its model_index.json."""
     cls = str(index.get("_class_name", ""))
-    if cls.startswith("Flux") and "Flux2" not in cls:
+    if cls.startswith("Flux2"):
+        return "flux2"
+    if cls.startswith("Flux"):
         return "flux"
     if "StableDiffusion3" in cls or "transformer" in index and "text_encoder_3" in index:
         return "sd3"

@@ -92,8 +92,8 @@ class Flux(Family):
     def native_side(self, vae_scale_factor, denoiser_config):
         return self.default_sample_size * vae_scale_factor
 
-    def check(self, cfg, denoiser_config: dict | None = None) -> list[str]:
-        p = super().check(cfg, denoiser_config)
+    def check(self, cfg, denoiser_config: dict | None = None, index: dict | None = None) -> list[str]:
+        p = super().check(cfg, denoiser_config, index)
         if denoiser_config is not None and not denoiser_config.get("guidance_embeds") and cfg.sampling.guidance_scale != 1:
             p.append(f"sampling.guidance_scale: {cfg.sampling.guidance_scale} is not allowed for {cfg.model.name!r}: "
                      "a FLUX.1 model without a guidance input ([schnell]) runs without guidance; need 1")
