@@ -68,7 +68,34 @@ def save_lora(unet: torch.nn.Module, folder: str | os.PathLike, flavour: str, ad
     pipeline_class(flavour).save_lora_weights(str(folder), **{f"{kind}_lora_layers": state,
                                                                f"{kind}_lora_adapter_metadata": meta},
                                                safe_serialization=True)
+    _add_family(Path(folder) / LORA_WEIGHT_NAME, flavour)
     return Path(folder) / LORA_WEIGHT_NAME
+
+
+FAMILY_KEY = "rayreward_family"  # the safetensors metadata entry naming the model family a LoRA is for
+
+
+def _add_family(path: Path, flavour: str) -> None:
+    """Record the model family in the file's metadata (the loaders ignore entries they do not
+    know), so `export` knows the layout to write; rewritten whole (temporary file, rename)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    meta[FAMILY_KEY] = flavour
+    tensors = load_file(str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def lora_family(path) -> str | None:
+    """The model family a LoRA file was saved for (rayreward writes it), None for other files."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file(path)), framework="pt") as f:
+        return (f.metadata() or {}).get(FAMILY_KEY)
 
 
 def file_prefix(state: dict) -> str:
