@@ -1,15 +1,19 @@
-"""Seconds per training step, its split and peak memory, per method, at SD-1.5 and SDXL shapes,
-beside the stock diffusers pipeline on the same model.
+"""Seconds per training step, its split and peak memory, per method, at SD-1.5, SDXL, SD3.5-medium
+and FLUX.1 shapes, beside the stock diffusers pipeline on the same model.
 
     python benchmarks/gpu.py --out docs/benchmarks/gpu.md      # on a GPU: sd15 at 512 px, sdxl at 1024 px
     python benchmarks/gpu.py --shapes sd15 --steps 10 --methods drtune draft_k --compile reduce-overhead
+    python benchmarks/gpu.py --shapes sd35m flux1 --steps 25 --batch 1 --methods drtune --offload-text-encoders
     python benchmarks/gpu.py --shapes tiny --device cpu --steps 2 --repeats 1   # the same code, tiny (CI)
+    python benchmarks/gpu.py --shapes tiny-sd3 tiny-flux --device cpu --steps 2 --repeats 1 --methods drtune
 
 The pipelines are the real diffusers/transformers classes built in code from the published
-SD-1.5 and SDXL architectures, with random weights (nothing is downloaded); speed and memory do
-not depend on the weights' values. Per shape it prints:
-- the stock pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline`, DDIM, CFG, the
-  compute dtype, decode included) and rayreward's no-grad chain (`render.render`, the same work),
+SD-1.5, SDXL, SD3.5-medium (MMDiT 2.5 B, CLIP-L, CLIP-G, T5-XXL) and FLUX.1 [dev] (12 B, CLIP-L,
+T5-XXL) architectures, with random weights (nothing is downloaded; on a GPU they are built there,
+in the compute dtype); speed and memory do not depend on the weights' values. Per shape it prints:
+- the stock pipeline (`StableDiffusionPipeline` / `StableDiffusionXLPipeline` / DDIM with CFG,
+  `StableDiffusion3Pipeline` with CFG, `FluxPipeline` with its guidance embedding; the compute
+  dtype, decode included) and rayreward's no-grad chain (`render.render`, the same work),
   eager and, with --compile, compiled; both without and with the LoRA adapter in the UNet;
 - per method and T: s/step (median of --repeats after one warm-up step) split into sample /
   reward / backward, peak memory (torch.cuda.max_memory_allocated), and for DRTune the ratio of
@@ -33,8 +37,10 @@ import torch
 from rayreward import config, methods, models, render, reports, runtime, sampling, serving, tiny, train
 
 ALL_METHODS = list(methods.METHODS)
-SHAPES = ("sd15", "sdxl", "tiny")
-RESOLUTION = {"sd15": 512, "sdxl": 1024, "tiny": 64}
+SHAPES = ("sd15", "sdxl", "sd35m", "flux1", "tiny", "tiny-sd3", "tiny-flux")
+RESOLUTION = {"sd15": 512, "sdxl": 1024, "sd35m": 512, "flux1": 512, "tiny": 64, "tiny-sd3": 32, "tiny-flux": 32}
+GUIDANCE = {"sd35m": 4.5, "tiny-sd3": 4.5, "flux1": 3.5, "tiny-flux": 3.5}  # the rest: 7.5 (SD's CFG)
+FAMILY = {"sdxl": "sdxl", "sd35m": "sd3", "tiny-sd3": "sd3", "flux1": "flux", "tiny-flux": "flux"}  # the rest: sd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +64,59 @@ def _vae(scaling_factor: float):
                          scaling_factor=scaling_factor)
 
 
-def build(shape: str, seed: int = 0):
+def _t5(tok):
+    """T5-XXL's encoder (4.7 B): the text encoder of SD3 and FLUX.1."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24,
+                                   feed_forward_proj="gated-gelu", vocab_size=32128, pad_token_id=tok.pad_token_id))
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
+                         use_post_quant_conv=False)
+
+
+def build_flow(shape: str, seed: int = 0):
+    """The stock pipeline of a flow shape: "sd35m" (SD3.5 medium: MMDiT of 24 layers with dual
+    attention in the first 13, CLIP-L, CLIP-G, T5-XXL), "flux1" (FLUX.1 [dev]: 19 double and 38
+    single blocks, guidance embedding, CLIP-L, T5-XXL), or their tiny models."""
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if shape == "tiny-sd3":
+        return tiny.build_sd3(seed)
+    if shape == "tiny-flux":
+        return tiny.build_flux(seed)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny.tokenizer(Path(tmp), max_length=77)
+    clip_l = _text_config(768, 12, 12, 3072, 768, tok)
+    if shape == "sd35m":
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+            num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+            pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_flow_vae(1.5305, 0.0609), text_encoder=CLIPTextModelWithProjection(clip_l), tokenizer=tok,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(1280, 32, 20, 5120, 1280, tok, act="gelu")),
+            tokenizer_2=tok, text_encoder_3=_t5(tok), tokenizer_3=tok)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                         attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=_flow_vae(0.3611, 0.1159),
+                        text_encoder=CLIPTextModel(clip_l), tokenizer=tok, text_encoder_2=_t5(tok), tokenizer_2=tok)
+
+
+def build(shape: str, seed: int = 0, device="cpu", dtype=None):
     """(Components, stock pipeline) sharing the same modules, random-initialised from `seed`.
     Shape "sd15": UNet 860 M, CLIP ViT-L/14 text encoder (12 layers, 768), the SD VAE.
     Shape "sdxl": UNet 2.6 B, CLIP ViT-L and OpenCLIP ViT-bigG (32 layers, 1280) text encoders.
@@ -67,6 +125,18 @@ def build(shape: str, seed: int = 0):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    family = FAMILY.get(shape, "sd")
+    if family in ("sd3", "flux"):
+        # built where it will run, in its dtype: T5-XXL and FLUX.1 in fp32 on a CPU would take minutes
+        with torch.device(device), _default_dtype(dtype if torch.device(device).type == "cuda" else None):
+            pipe = build_flow(shape, seed)
+        encoders = [pipe.text_encoder, pipe.text_encoder_2] + ([pipe.text_encoder_3] if family == "sd3" else [])
+        tokenizers = [pipe.tokenizer, pipe.tokenizer_2] + ([pipe.tokenizer_3] if family == "sd3" else [])
+        for m in [pipe.transformer, pipe.vae, *encoders]:
+            m.eval().requires_grad_(False)
+        c = models.Components(pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler, family, f"random {shape}")
+        c.stock = pipe
+        return c, pipe
     if shape == "tiny":
         pipe = tiny.build_pipeline("sd", seed)
     else:
@@ -105,6 +175,17 @@ def build(shape: str, seed: int = 0):
     return c, pipe
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    before = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing.
 
@@ -138,10 +219,11 @@ def peak(device, into: dict):
 
 def run_config(args, shape: str, method: str, T: int, compile_mode: str) -> config.Config:
     return config.from_dict({
-        "model": {"name": "tiny", "resolution": args.resolution or RESOLUTION[shape]},
-        "sampling": {"num_steps": T, "guidance_scale": 7.5},
+        "sampling": {"num_steps": T, "guidance_scale": GUIDANCE.get(shape, 7.5)},
         "method": {"name": method, "k": args.k, "early_stop_m": max(1, int(0.4 * T)), "refl_window": [1, max(1, T // 4)]},
         "train": {"batch_size": args.batch, "compile": compile_mode, "mixed_precision": args.precision},
+        "model": {"name": "tiny", "resolution": args.resolution or RESOLUTION[shape],
+                  "offload_text_encoders": bool(getattr(args, "offload_text_encoders", False))},
         "lora": {"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
         "rewards": [{"name": "symmetry"}]})
 
@@ -152,7 +234,7 @@ def stock_seconds(pipe, args, shape: str, T: int, device) -> float:
 
     def go():
         with torch.no_grad():
-            pipe(prompt=prompts, num_inference_steps=T, guidance_scale=7.5, output_type="pt",
+            pipe(prompt=prompts, num_inference_steps=T, guidance_scale=GUIDANCE.get(shape, 7.5), output_type="pt",
                  height=side, width=side,
                  generator=torch.Generator().manual_seed(0))
 
@@ -172,7 +254,7 @@ def drtune_parts(w: train.Worker, device, repeats: int) -> dict[str, float]:
     (checkpointed when the run checkpoints) with its backward, the VAE decode forward and
     backward, the reward and loss."""
     prompts, x_T, _, _ = w.draw_batch(0)
-    cond = models.encode_prompts(w.c, prompts, w.cfg.sampling.negative_prompt, w.cfg.model.resolution, device)
+    cond = w.prompt_cache(prompts, w.cfg.sampling.negative_prompt, w.cfg.model.resolution)  # encoders may be offloaded
     denoise = models.make_denoiser(w.unet, cond, w.cfg.sampling.guidance_scale, w.amp)
     t = w.schedule.timesteps[0]
 
@@ -251,6 +333,9 @@ def main(argv=None):
     ap.add_argument("--compile-methods", nargs="*", default=["drtune"], choices=ALL_METHODS,
                     help="the methods also timed compiled (each compiles anew); none: only the chain")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--offload-text-encoders", action="store_true",
+                    help="training rows: the text encoders on the CPU (model.offload_text_encoders), after the stock "
+                         "pipeline and the chain were timed with them on the device")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write the tables here (markdown)")
     args = ap.parse_args(argv)
@@ -260,8 +345,8 @@ def main(argv=None):
     chains, steps = [], []
     for shape in args.shapes:
         t0 = time.perf_counter()
-        c, pipe = build(shape)
         amp = runtime.compute_dtype(args.precision, device)
+        c, pipe = build(shape, device=device, dtype=amp)
         if amp is not None:
             pipe.to(amp)
         pipe.to(device)
@@ -281,8 +366,14 @@ def main(argv=None):
             c.denoiser.delete_adapters(["default"])
             chains.append(row)
             tables(args, argv, name, modes, chains, steps)
+            if args.offload_text_encoders:  # the training rows without the text encoders on the device
+                for e in c.text_encoders:
+                    e.to("cpu", torch.float32)
             for mode in modes:
                 steps += method_rows(c, args, shape, T, device, mode)
+            if args.offload_text_encoders:
+                for e in c.text_encoders:
+                    e.to(device, amp)
             tables(args, argv, name, modes, chains, steps)  # after each T: a run cut short keeps its figures
         del c, pipe
         if device.type == "cuda":
@@ -298,7 +389,7 @@ def tables(args, argv, name: str, modes: list[str], chains: list[dict], steps: l
     for mode in modes[1:]:
         chain_df[f"compiled/stock ({mode})"] = chain_df[f"chain_lora_{mode}"] / chain_df["stock_lora"]
     device = torch.device(args.device)
-    head = (f"device: {name}; torch {torch.__version__}; batch {args.batch}; CFG 7.5; DDIM; compute dtype "
+    head = (f"device: {name}; torch {torch.__version__}; batch {args.batch}; guidance 7.5 (SD, SDXL: CFG, DDIM), 4.5 (SD3: CFG, Euler), 3.5 (FLUX: embedded, Euler); compute dtype "
             f"{runtime.compute_dtype(args.precision, device) or torch.float32}; LoRA rank 4 on to_q/to_k/to_v/to_out.0; "
             f"K = {args.k}; gradient checkpointing on; median of {args.repeats}")
     cols = [c for c in ["shape", "method", "T", "compile", "s_step", "s_sample", "s_reward", "s_backward",
