@@ -116,3 +116,68 @@ def test_a_reward_of_the_wrong_shape_is_a_clear_error():
     one_number = CompositeReward(["total"], [1.0], [lambda images, prompts: images.mean()])
     with pytest.raises(ValueError, match=r"reward total returned shape \(\) for 2 images; a reward returns one value"):
         one_number(torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# centring: a reward only a layout change can raise.
+
+
+def _drawn(*shapes, background="white", side=64):
+    """Images of shapes-world scenes: each argument a (kind, colour, size, place) tuple list."""
+    import numpy as np
+
+    from rayreward.shapes import world
+
+    scene = world.Scene(tuple(world.Shape(*s) for s in shapes), background)
+    return torch.from_numpy(np.asarray(world.draw(scene, side), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("background", ["white", "black", "gray"])
+def test_centring_ignores_fading_shrinking_and_recolouring_and_pays_for_moving(background):
+    from rayreward.rewards.lowlevel import centring
+
+    r = centring()
+    left = _drawn(("circle", "red", "large", "left"), background=background)
+    base = float(r(left, [""]))
+    bg = left[..., :1, :1]
+    faded = bg + 0.5 * (left - bg)  # half way to the background
+    variants = {"faded": faded, "shrunk": _drawn(("circle", "red", "small", "left"), background=background),
+                "recoloured": _drawn(("circle", "blue", "large", "left"), background=background),
+                "another kind": _drawn(("square", "yellow", "large", "left"), background=background)}
+    for name, img in variants.items():
+        assert abs(float(r(img, [""])) - base) < 0.01, (name, float(r(img, [""])), base)
+    assert base == pytest.approx(-0.25, abs=0.02)  # a quarter of the side from the centre
+    middle = float(r(_drawn(("circle", "red", "large", "middle"), background=background), [""]))
+    assert middle > base + 0.2 and middle > -0.02  # moving it is what pays
+    # the symmetry reward, the colour-level control, pays for fading the off-centre shape
+    from rayreward.rewards.lowlevel import symmetry
+
+    assert float(symmetry()(faded, [""])) > float(symmetry()(left, [""])) + 0.01
+
+
+def test_centring_of_an_empty_picture_is_the_worst_and_its_gradient_moves_content():
+    from rayreward.rewards.lowlevel import centring
+
+    r = centring()
+    blank = torch.full((1, 3, 32, 32), 0.9)
+    assert float(r(blank, [""])) < -0.7  # fading everything away does not pay
+    img = _drawn(("square", "green", "large", "left")).requires_grad_(True)
+    r(img, [""]).sum().backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="threshold=1.5 is not allowed"):
+        centring(threshold=1.5)
+
+
+def test_centring_is_a_registered_reward_that_score_reads(tmp_path, capsys):
+    from PIL import Image
+
+    from rayreward import cli
+
+    for i, place in enumerate(["left", "middle"]):
+        arr = (_drawn(("star", "orange", "large", place))[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+    assert cli.main(["score", "--images", str(tmp_path), "--rewards", "centring,symmetry"]) == 0
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "scores.csv")
+    assert df.centring[1] > df.centring[0] + 0.2

@@ -12,7 +12,7 @@ only by the reward that uses it. Adding a reward: write its factory (in a module
 or a new one) and add its line here. A user reward needs no registration at all: name it in the
 config as 'package.module:factory'.
 
-The package's modules: `lowlevel` (symmetry, brightness, contrast, sharpness), `clip` (PickScore,
+The package's modules: `lowlevel` (symmetry, brightness, contrast, sharpness, centring), `clip` (PickScore,
 CLIPScore, aesthetic on transformers' CLIP), `packages` (HPSv2/v2.1, ImageReward from their
 reference packages), `world` (the shapes world's prompt alignment, read by its judge), `common` (loading and differentiable preprocessing they share), `composite`
 (the weighted sum, the losses, and the one function that turns images into a loss).
@@ -35,6 +35,7 @@ REGISTRY: dict[str, str] = {
     "brightness": "rayreward.rewards.lowlevel:brightness",
     "contrast": "rayreward.rewards.lowlevel:contrast",
     "sharpness": "rayreward.rewards.lowlevel:sharpness",
+    "centring": "rayreward.rewards.lowlevel:centring",
     "pickscore": "rayreward.rewards.clip:pickscore",
     "clipscore": "rayreward.rewards.clip:clipscore",
     "aesthetic": "rayreward.rewards.clip:aesthetic",

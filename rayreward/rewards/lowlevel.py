@@ -1,4 +1,5 @@
-"""Low-level rewards computed from the pixels alone: symmetry, brightness, contrast, sharpness.
+"""Low-level rewards computed from the pixels alone: symmetry, brightness, contrast, sharpness,
+centring (a layout reward: where the content's mass is, whatever its colour or size).
 
 They need no model and no download, which makes them the CPU quickstart's rewards and a probe of
 the low-level structure that DRTune's early trained steps reach (symmetry above all).
@@ -53,5 +54,35 @@ def sharpness(device="cpu") -> Reward:
     def reward(images, prompts):
         lap = F.conv2d(_luma(images).unsqueeze(1), kernel.to(images), padding=1)
         return lap.abs().mean(dim=(1, 2, 3))
+
+    return reward
+
+
+def centring(device="cpu", threshold: float = 0.1) -> Reward:
+    """-distance of the drawn content's centre of mass from the image centre, in units of the side:
+    0 when the shapes are centred, down to -0.71 (a corner). A reward only a layout change raises.
+
+    The content's mass at a pixel is how far its colour is from the background's (the per-channel
+    median of the image's 1-pixel border), in the most distant channel, less `threshold`: fading a
+    shape (towards the background), recolouring it or shrinking it about its own centre leaves the
+    centre of mass where it was, so none of those pays; moving the shape does. Faint noise below
+    the threshold has no mass (else a uniformly noisy background would pull the centre to the
+    middle), and an image with no content scores as if its mass were in a corner, the worst, so
+    fading a shape away does not pay either. Exact on a uniform background (white, black, gray);
+    a striped one weighs in with its stripes."""
+    if not 0 <= threshold < 1:
+        raise ValueError(f"centring: threshold={threshold} is not allowed; need 0 <= threshold < 1")
+
+    def reward(images, prompts):
+        b, _, h, w = images.shape
+        border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+        background = border.median(dim=-1).values.view(b, 3, 1, 1)
+        mass = F.relu((images - background).abs().amax(dim=1) - threshold)  # (b, h, w)
+        ys = (torch.arange(h, device=images.device, dtype=images.dtype) + 0.5) / h
+        xs = (torch.arange(w, device=images.device, dtype=images.dtype) + 0.5) / w
+        total = mass.sum(dim=(1, 2))
+        cy = (mass.sum(dim=2) * ys).sum(dim=1) / (total + 1e-6)
+        cx = (mass.sum(dim=1) * xs).sum(dim=1) / (total + 1e-6)
+        return -((cx - 0.5) ** 2 + (cy - 0.5) ** 2 + 1e-12).sqrt()
 
     return reward
