@@ -38,7 +38,7 @@ def test_set_overrides_parse_yaml_values_and_index_lists():
     (["method.k=11"], "method.k: 11 is larger than sampling.num_steps (10)"),
     (["method.k=0"], "method.k: 0 is not allowed"),
     (["method.name=dpo"], "method.name: 'dpo' is unknown; allowed: drtune, draft, draft_k, draft_lv, refl, alignprop"),
-    (["rewards=[{name: hpsv9}]"], "rewards[0].name: 'hpsv9' is unknown; allowed: aesthetic, brightness, clipscore, contrast, hpsv2, hpsv21, imagereward, pickscore"),
+    (["rewards=[{name: hpsv9}]"], "rewards[0].name: 'hpsv9' is unknown; allowed: aesthetic, brightness, centring, clipscore, contrast, hpsv2, hpsv21, imagereward, pickscore"),
     (["lora.rank=-4"], "lora.rank: -4 is not allowed"),
     (["optim.lr=-0.001"], "optim.lr: -0.001 is not allowed"),
     (["sampling.guidance_scale=-1"], "sampling.guidance_scale: -1.0 is negative"),

@@ -43,7 +43,7 @@ def test_composite_is_a_weighted_sum_with_components():
 
 
 def test_unknown_reward_lists_the_known_ones():
-    with pytest.raises(KeyError, match="allowed: aesthetic, brightness, clipscore, contrast, hpsv2, hpsv21, imagereward, pickscore, shapes_alignment, sharpness, symmetry"):
+    with pytest.raises(KeyError, match="allowed: aesthetic, brightness, centring, clipscore, contrast, hpsv2, hpsv21, imagereward, pickscore, shapes_alignment, sharpness, symmetry"):
         rewards.build_reward("hpsv9")
 
 
