@@ -13,6 +13,8 @@ from rayreward.shapes import pretrain
 from rayreward.shapes import world as shapes
 from rayreward.shapes.config import PretrainConfig
 
+from helpers import ROOT
+
 # the shipped model read by the judge on 64 held-out captions x 2 seeds at T = 10: 92 % of the
 # labels (every colour and background, 77-84 % of the kinds), 55 % of the pictures wholly
 LABELS_READ, WHOLLY_READ = 0.85, 0.3
@@ -173,3 +175,19 @@ def test_the_builtin_shapes_model_loads_offline_and_follows_its_captions():
     x = render.render(c, prompts, [0], SamplingConfig(num_steps=10, guidance_scale=4.0), 64, "cpu")
     labels, whole = judge.agreement(judge.load(), x, prompts)
     assert labels.mean() > LABELS_READ and whole.mean() > WHOLLY_READ, (labels.mean(), whole.mean())
+
+
+def test_the_layout_measurement_runs_and_finds_the_shape_where_its_caption_puts_it(tmp_path):
+    """experiments/shapes/layout.py on the shipped model, shortened: a shape "on the left" has its
+    centre of mass on the left, and x0_hat's centre converges to the final one along the chain."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("layout", ROOT / "experiments/shapes/layout.py")
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    info = layout.main(["--steps", "6", "--seeds", "3", "--captions", "a large red circle on the left, on a white "
+                        "background", "--out", str(tmp_path)])
+    row = info["rows"][0]
+    assert row["centre_mean"][0] < 0.4 and abs(row["centre_mean"][1] - 0.5) < 0.1
+    assert row["distance_to_final"][-1] == 0 and row["distance_to_final"][0] > row["distance_to_final"][-2]
+    assert (tmp_path / "layout.png").is_file() and (tmp_path / "centres.png").is_file()
