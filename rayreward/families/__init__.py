@@ -10,8 +10,9 @@ schedules its chain and maps latents to images. The sampler and the methods are 
 | `flux2` (FLUX.2 klein) | `flux2.py` | Flux2Transformer2DModel on Qwen3, patchified latents | flow-matching Euler, empirical mu | base: CFG; distilled: one call |
 
 A family is detected from a pipeline folder's `model_index.json` (`_class_name`, then its
-components); `model.flavour` names one to skip detection. Adding a family is one module here
-with a `Family` subclass, its entry in `FAMILIES`, and its test: the trainer, `sample`, `eval`,
+components: each family's `detects`); `model.flavour` names one to skip detection. Adding a
+family is one module here with a `Family` subclass as `FAMILY`, its name in `NAMES`, and its
+test (a tiny model of it is one builder in `rayreward/tiny.py`): the trainer, `sample`, `eval`,
 the LoRA files and the budget check read everything from the `Family`.
 """
 
@@ -100,6 +101,11 @@ class Family:
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' LoRA scripts'
 
     # -- what each family implements -----------------------------------------------------------
+    def detects(self, index: dict) -> bool:
+        """Whether a pipeline folder (its model_index.json) is of this family; exactly one family
+        answers yes for a folder rayreward can load."""
+        raise NotImplementedError
+
     def load(self, src: str, model_cfg, kw: dict) -> "Components":
         raise NotImplementedError
 
@@ -173,13 +179,15 @@ def quiet_loading():
             dlog.enable_progress_bar()
 
 
+# The families, each the module rayreward/families/<name>.py holding a `FAMILY`: adding one is its
+# module and its name here (config validation reads this tuple without importing the modules).
+NAMES = ("sd", "sdxl", "sd3", "flux", "flux2")
+
+
 def _registry() -> dict[str, Family]:
-    from rayreward.families import flux, flux2, sd, sd3, sdxl
+    import importlib
 
-    return {f.name: f for f in (sd.FAMILY, sdxl.FAMILY, sd3.FAMILY, flux.FAMILY, flux2.FAMILY)}
-
-
-NAMES = ("sd", "sdxl", "sd3", "flux", "flux2")  # FAMILIES' keys, without importing the modules (config validation stays light)
+    return {name: importlib.import_module(f"rayreward.families.{name}").FAMILY for name in NAMES}  # FAMILIES' keys, without importing the modules (config validation stays light)
 
 
 def get(name: str) -> Family:
@@ -190,17 +198,11 @@ def get(name: str) -> Family:
 
 
 def detect(index: dict) -> str:
-    """The family of a pipeline folder from its model_index.json."""
+    """The family of a pipeline folder from its model_index.json: the one whose `detects` says so."""
+    found = [name for name, f in _registry().items() if f.detects(index)]
+    if len(found) == 1:
+        return found[0]
     cls = str(index.get("_class_name", ""))
-    if cls.startswith("Flux2"):
-        return "flux2"
-    if cls.startswith("Flux"):
-        return "flux"
-    if "StableDiffusion3" in cls or "transformer" in index and "text_encoder_3" in index:
-        return "sd3"
-    if "text_encoder_2" in index or "XL" in cls:
-        return "sdxl"
-    if "unet" in index:
-        return "sd"
     raise ValueError(f"a {cls or 'pipeline'} with components {sorted(k for k in index if not k.startswith('_'))} "
-                     f"is not a family rayreward knows ({', '.join(NAMES)})")
+                     + (f"is not a family rayreward knows ({', '.join(NAMES)})" if not found else
+                        f"matches several families ({', '.join(found)}); set model.flavour"))

@@ -22,6 +22,10 @@ class Flux(Family):
     max_sequence_length: int = 512  # T5 tokens, FluxPipeline's default
     default_sample_size: int = 128  # the pipeline's: native side = this x the VAE factor
 
+    def detects(self, index: dict) -> bool:
+        cls = str(index.get("_class_name", ""))
+        return cls.startswith("Flux") and not cls.startswith("Flux2")
+
     def load(self, src: str, model_cfg, kw: dict):
         from diffusers import FluxPipeline
 

@@ -24,6 +24,9 @@ class Flux2(Family):
     max_sequence_length: int = 512  # Qwen3 tokens, the pipeline's default
     default_sample_size: int = 128  # the pipeline's: native side = this x the VAE factor
 
+    def detects(self, index: dict) -> bool:
+        return str(index.get("_class_name", "")).startswith("Flux2")
+
     def load(self, src: str, model_cfg, kw: dict):
         from diffusers import Flux2KleinPipeline
 

@@ -13,6 +13,9 @@ from rayreward.families import Components, Conditioning, Family
 
 @dataclass(frozen=True)
 class SD(Family):
+    def detects(self, index: dict) -> bool:
+        return "unet" in index and "text_encoder_2" not in index and "XL" not in str(index.get("_class_name", ""))
+
     def load(self, src: str, model_cfg, kw: dict):
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -19,6 +19,10 @@ from rayreward.families.sd import cfg_denoiser
 class SD3(Family):
     max_sequence_length: int = 256  # T5 tokens, the pipeline's default
 
+    def detects(self, index: dict) -> bool:
+        return "StableDiffusion3" in str(index.get("_class_name", "")) or ("transformer" in index
+                                                                           and "text_encoder_3" in index)
+
     def load(self, src: str, model_cfg, kw: dict):
         from diffusers import StableDiffusion3Pipeline
 

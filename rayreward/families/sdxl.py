@@ -14,6 +14,9 @@ from rayreward.families.sd import SD
 
 @dataclass(frozen=True)
 class SDXL(SD):
+    def detects(self, index: dict) -> bool:
+        return "unet" in index and ("text_encoder_2" in index or "XL" in str(index.get("_class_name", "")))
+
     def encode(self, c, prompts, negative_prompt, resolution, device):
         embeds, pooled = self._encode(c, prompts, device)
         if c.force_zeros_for_empty_prompt and not negative_prompt:
