@@ -30,24 +30,13 @@ from pathlib import Path
 
 import torch
 
-from rayreward import config, models, sampling
+from rayreward import config, models
+from rayreward.rewards.lowlevel import centre_of_mass
 
 UNPLACED = ["a large red circle, on a white background", "a small blue square, on a white background",
             "a large yellow star, on a black background", "a large green triangle, on a gray background"]
 PLACED = ["a large red circle on the left, on a white background",
           "a large red circle in the centre, on a white background"]
-
-
-def centre_of_mass(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
-    """(b, 3, h, w) in [0, 1] -> (b, 2): x, y of the content's centre of mass, fractions of the side."""
-    b, _, h, w = images.shape
-    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
-    background = border.median(dim=-1).values.view(b, 3, 1, 1)
-    mass = torch.relu((images - background).abs().amax(dim=1) - threshold)
-    ys = (torch.arange(h, dtype=images.dtype) + 0.5) / h
-    xs = (torch.arange(w, dtype=images.dtype) + 0.5) / w
-    total = mass.sum(dim=(1, 2)) + 1e-6
-    return torch.stack([(mass.sum(dim=1) * xs).sum(dim=1) / total, (mass.sum(dim=2) * ys).sum(dim=1) / total], dim=1)
 
 
 @torch.no_grad()

@@ -74,15 +74,22 @@ def centring(device="cpu", threshold: float = 0.1) -> Reward:
         raise ValueError(f"centring: threshold={threshold} is not allowed; need 0 <= threshold < 1")
 
     def reward(images, prompts):
-        b, _, h, w = images.shape
-        border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
-        background = border.median(dim=-1).values.view(b, 3, 1, 1)
-        mass = F.relu((images - background).abs().amax(dim=1) - threshold)  # (b, h, w)
-        ys = (torch.arange(h, device=images.device, dtype=images.dtype) + 0.5) / h
-        xs = (torch.arange(w, device=images.device, dtype=images.dtype) + 0.5) / w
-        total = mass.sum(dim=(1, 2))
-        cy = (mass.sum(dim=2) * ys).sum(dim=1) / (total + 1e-6)
-        cx = (mass.sum(dim=1) * xs).sum(dim=1) / (total + 1e-6)
-        return -((cx - 0.5) ** 2 + (cy - 0.5) ** 2 + 1e-12).sqrt()
+        c = centre_of_mass(images, threshold)
+        return -((c - 0.5).square().sum(dim=1) + 1e-12).sqrt()
 
     return reward
+
+
+def centre_of_mass(images: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """Where the drawn content is: its centre of mass, x and y as fractions of the side (0, 0 when
+    there is none). Shape: (b, 3, h, w) -> (b, 2). Mass: a pixel's colour distance from the
+    background (the per-channel median of the 1-pixel border), in its most distant channel, less
+    `threshold`. Differentiable."""
+    b, _, h, w = images.shape
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values.view(b, 3, 1, 1)
+    mass = F.relu((images - background).abs().amax(dim=1) - threshold)  # (b, h, w)
+    ys = (torch.arange(h, device=images.device, dtype=images.dtype) + 0.5) / h
+    xs = (torch.arange(w, device=images.device, dtype=images.dtype) + 0.5) / w
+    total = mass.sum(dim=(1, 2)) + 1e-6
+    return torch.stack([(mass.sum(dim=1) * xs).sum(dim=1) / total, (mass.sum(dim=2) * ys).sum(dim=1) / total], dim=1)
