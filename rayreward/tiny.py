@@ -146,13 +146,31 @@ def build_pipeline(flavour: str, seed: int):
                                          tokenizer_2=tok, unet=unet, scheduler=scheduler)
 
 
+def _flow_vae(scaling_factor: float, shift_factor: float):
+    """A tiny VAE of 16 latent channels with a flow family's scaling and shift (SD3, FLUX.1)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                         use_quant_conv=False, use_post_quant_conv=False)
+
+
+def _t5(tok, width: int):
+    """A one-layer T5 encoder of `width` on the byte tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tok), d_model=width, d_kv=width // 4, d_ff=64, num_layers=1,
+                                   num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+
+
 def build_sd3(seed: int):
     """Random-initialised tiny SD3 pipeline of the real classes: an SD3Transformer2DModel (16
     latent channels, patch 2), a VAE with SD3's scaling and shift, two CLIP encoders with
     projection and a T5 encoder (the byte tokenizer for all three), the flow-matching scheduler
     with SD3's shift."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(seed)
@@ -162,12 +180,7 @@ def build_sd3(seed: int):
         transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
                                             attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                             caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
-        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=8, sample_size=32, scaling_factor=1.5305, shift_factor=0.0609,
-                            use_quant_conv=False, use_post_quant_conv=False)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        vae, t5 = _flow_vae(1.5305, 0.0609), _t5(tok, 64)
         return StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
             text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg)), tokenizer=tok,
@@ -180,8 +193,8 @@ def build_flux(seed: int):
     with a guidance embedding (16 latent channels, packed 2x2 into 64), a VAE with FLUX's scaling
     and shift, CLIP (pooled) and T5 encoders on the byte tokenizer, the resolution-shifted
     flow-matching scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(seed)
@@ -189,12 +202,7 @@ def build_flux(seed: int):
         transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                              pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=16,
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            norm_num_groups=8, sample_size=32, scaling_factor=0.3611, shift_factor=0.1159,
-                            use_quant_conv=False, use_post_quant_conv=False)
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+        vae, t5 = _flow_vae(0.3611, 0.1159), _t5(tok, 32)
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                     base_image_seq_len=256, max_image_seq_len=4096)
         return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae,
