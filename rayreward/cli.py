@@ -191,7 +191,7 @@ def cmd_sample(args) -> int:
                or cfg.grid.prompts or cfg.training_prompts()[:4])
     seeds = args.seeds or cfg.grid.seeds
     c = models.load_components(cfg.model)
-    lora_io.apply_loras(c.denoiser, [(lora.path, lora.scale) for lora in loras])
+    lora_io.apply_loras(c.denoiser, [(lora.path, lora.scale) for lora in loras], c.flavour)
     c.to(device)
     images = render.render(c, prompts, seeds, cfg.sampling, cfg.model.resolution, device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def render_variants(cfg, loras: Sequence[LoraArg], prompts: Sequence[str], seeds
     amp = runtime.compute_dtype(cfg.train.mixed_precision, device)
     c = models.load_components(cfg.model)
     for i, lora in enumerate(loras):
-        lora_io.load_lora(c.denoiser, lora.path, f"eval{i}")
+        lora_io.load_lora(c.denoiser, lora.path, f"eval{i}", c.flavour)
     if amp is not None:  # nothing trains here: the whole UNet, adapters too, in the compute dtype
         c.denoiser.to(amp)
     c.to(device, amp)

@@ -165,8 +165,13 @@ def _assert_all_used(unet: torch.nn.Module, state: dict[str, torch.Tensor], adap
                             f"the adapter's tensors (first: {missing[0]}); lora.rank or lora.target_modules differ")
 
 
-def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str) -> None:
-    """Add the LoRA at `path` to the UNet as a new adapter; every saved weight must be used."""
+def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str, family: str | None = None) -> None:
+    """Add the LoRA at `path` to the denoiser as a new adapter; every saved weight must be used.
+    `family`: the model's family; a LoRA saved for another one is refused, naming both."""
+    saved_for = lora_family(path)
+    if family is not None and saved_for is not None and saved_for != family:
+        raise LoraFileError(f"LoRA {str(path)!r} was trained on a {saved_for} model and this model is {family}: a "
+                            "LoRA only fits the model family (and base model) it was trained on")
     prefix = prefix_of(unet)
     state = read_lora_state(path, prefix)
     _check_shapes(unet, state, path)
@@ -226,13 +231,13 @@ def load_lora_weights_into(unet: torch.nn.Module, source: str | os.PathLike | di
     _assert_all_used(unet, state, adapter_name, path)
 
 
-def apply_loras(unet: torch.nn.Module, loras: Sequence[tuple[str, float]]) -> list[str]:
+def apply_loras(unet: torch.nn.Module, loras: Sequence[tuple[str, float]], family: str | None = None) -> list[str]:
     """Load several LoRAs and activate them with weights: one LoRA with weight s interpolates
     base (0) <-> tuned (1); several are mixed as a weighted sum of their updates."""
     names = []
     for i, (path, _) in enumerate(loras):
         names.append(f"lora{i}")
-        load_lora(unet, path, names[-1])
+        load_lora(unet, path, names[-1], family)
     if names:
         unet.set_adapters(names, [float(w) for _, w in loras])
     return names

@@ -89,9 +89,17 @@ def test_a_flow_lora_loads_whole_into_the_stock_pipeline_and_renders_the_same(na
 def test_a_lora_of_another_family_is_refused_naming_both(sd3, tmp_path):
     sd = models.load_components(config.ModelConfig(name="tiny"))
     models.add_lora(sd.denoiser, config.LoraConfig())
-    path = lora_io.save_lora(sd.denoiser, tmp_path, "sd")
+    path = lora_io.save_lora(sd.denoiser, tmp_path / "sd", "sd")
     with pytest.raises(LoraFileError, match="is a LoRA of a unet .* this model's denoiser is a transformer"):
         lora_io.load_lora(sd3.denoiser, path, "x")
+    # two transformer families: the family the file records names the mismatch
+    models.add_lora(sd3.denoiser, config.LoraConfig(), adapter_name="mine")
+    sd3_lora = lora_io.save_lora(sd3.denoiser, tmp_path / "sd3", "sd3", adapter_name="mine")
+    assert lora_io.lora_family(sd3_lora) == "sd3"
+    flux = models.load_components(config.ModelConfig(name="tiny-flux"))
+    with pytest.raises(LoraFileError, match="was trained on a sd3 model and this model is flux"):
+        lora_io.load_lora(flux.denoiser, sd3_lora, "x", family="flux")
+    sd3.denoiser.delete_adapters(["mine"])
 
 
 @pytest.mark.parametrize("sets, needle", [
