@@ -71,8 +71,9 @@ def backward_checked(loss: torch.Tensor, images: torch.Tensor, cfg: config_mod.C
             "with differentiable torch ops (no .detach(), .item(), numpy or PIL, and not under torch.no_grad()).")
 
     if not bool(torch.isfinite(loss.detach()).all()):
-        raise RewardGradientError(f"reward {', '.join(s.name for s in cfg.rewards)}: the loss is {float(loss.detach()):g} on the "
-                                  "first trained step: a reward returned NaN or inf for these images")
+        names = ", ".join(s.name for s in cfg.rewards)
+        raise RewardGradientError(f"reward {names}: the loss is {float(loss.detach()):g} on the first trained step: "
+                                  "a reward returned NaN or inf for these images")
     if not loss.requires_grad:
         raise no_gradient("the loss does not depend on the images (no gradient path)")
     images.retain_grad()
