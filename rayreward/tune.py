@@ -124,7 +124,10 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             try:
                 trial = config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
                 if key.startswith(("lora.", "model.", "train.batch_size")):  # what the model and device bound
-                    budget.check(trial, skeletons.setdefault(trial.model.name, budget.skeleton(trial.model)))
+                    if trial.model.name not in skeletons:
+                        skeletons[trial.model.name] = budget.skeleton(trial.model)
+                    if skeletons[trial.model.name] is not None:  # None: the model's configs are not here
+                        budget.check(trial, skeletons[trial.model.name])
             except config_mod.ConfigError as e:
                 kind, hint = next(iter(space)), ""
                 if kind in ("uniform", "loguniform") and any("integer" in p for p in e.problems):

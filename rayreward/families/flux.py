@@ -46,29 +46,33 @@ class Flux(Family):
     def denoiser(self, network, cond, guidance_scale, dtype, uncond_grad=True):  # no CFG: uncond_grad moot
         n_prompts = cond.embeds.shape[0]
         distilled = bool(network.config.guidance_embeds)
-        cache: dict[tuple, tuple] = {}
+        cache: dict[tuple, tuple] = {}  # (batch, h, w) -> the call's inputs besides x and t
 
-        def inputs(reps: int, h: int, w: int, device):
-            key = (reps, h, w)
+        def inputs(b: int, h: int, w: int, device):
+            """The conditioning, the token positions and the guidance of a batch layout, built once."""
+            key = (b, h, w)
             if key not in cache:
+                reps = b // n_prompts
+                ids_dtype = torch.float32 if dtype is None else dtype
+
                 def rep(v):
-                    return v.repeat(reps, *([1] * (v.dim() - 1)))
-                cast = (lambda v: v) if dtype is None else (lambda v: v.to(dtype))
+                    return v.repeat(reps, *([1] * (v.dim() - 1))).to(ids_dtype)
                 img_ids = torch.zeros(h // 2, w // 2, 3, device=device)
                 img_ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
                 img_ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
-                cache[key] = (cast(rep(cond.embeds)), cast(rep(cond.pooled)), cond.ids, img_ids.reshape(-1, 3))
+                guidance = torch.full((b,), float(guidance_scale), device=device) if distilled else None
+                cache[key] = (rep(cond.embeds), rep(cond.pooled), cond.ids.to(device, ids_dtype),
+                              img_ids.reshape(-1, 3).to(ids_dtype), guidance)
             return cache[key]
 
         def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             b, ch, h, w = x.shape
-            emb, pooled, txt_ids, img_ids = inputs(b // n_prompts, h, w, x.device)
+            emb, pooled, txt_ids, img_ids, guidance = inputs(b, h, w, x.device)
             x = x if dtype is None else x.to(dtype)
             tokens = x.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, ch * 4)
-            guidance = torch.full((b,), float(guidance_scale), device=x.device) if distilled else None
             out = network(hidden_states=tokens, timestep=t.expand(b).to(tokens.dtype) / 1000, guidance=guidance,
-                          pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids.to(tokens.dtype),
-                          img_ids=img_ids.to(tokens.dtype), return_dict=False)[0]
+                          pooled_projections=pooled, encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids,
+                          return_dict=False)[0]
             out = out.view(b, h // 2, w // 2, ch, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch, h, w)
             return out.float()
 

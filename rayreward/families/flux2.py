@@ -51,13 +51,20 @@ class Flux2(Family):
         return Conditioning(embeds, neg, ids=text_ids[:1], family=self.name)
 
     def denoiser(self, network, cond, guidance_scale, dtype, uncond_grad=True):
+        positions: dict[tuple, tuple] = {}  # (batch, h, w) -> (txt_ids, img_ids), built once
+
+        def ids(b: int, h: int, w: int, device):
+            if (b, h, w) not in positions:
+                img = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+                positions[b, h, w] = (cond.ids.to(device).expand(b, -1, -1), img.to(device).unsqueeze(0).expand(b, -1, -1))
+            return positions[b, h, w]
+
         def call(x, t, emb, extra):
             b, ch, h, w = x.shape
             tokens = x.reshape(b, ch, h * w).permute(0, 2, 1)
-            img_ids = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
+            txt_ids, img_ids = ids(b, h, w, x.device)
             out = network(hidden_states=tokens, timestep=t.expand(b).to(tokens.dtype) / 1000, guidance=None,
-                          encoder_hidden_states=emb, txt_ids=cond.ids.expand(b, -1, -1).to(x.device),
-                          img_ids=img_ids.to(x.device).unsqueeze(0).expand(b, -1, -1), return_dict=False)[0]
+                          encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
             return out[:, : h * w].permute(0, 2, 1).reshape(b, ch, h, w)
 
         if cond.neg_embeds is None:  # distilled: one call, no guidance
