@@ -78,3 +78,23 @@ def to_pil(images: torch.Tensor) -> list:
 TINY_HPS = {"embed_dim": 16,
             "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+class LinearDenoiser(torch.nn.Module):
+    """A toy denoiser of the sampler tests: out = w[n] * x + c[n], n the chain position of t (a
+    DDIM integer t or a flow t = 1000 sigma), with its own (w, c) per position, so the gradients
+    of w and c show which steps trained. Records each call's (position, input, input requires grad)."""
+
+    def __init__(self, schedule, seed: int = 0):
+        super().__init__()
+        T = schedule.num_steps
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.nn.Parameter(0.3 * torch.rand(T, generator=g, dtype=torch.float64) - 0.15)
+        self.c = torch.nn.Parameter(0.1 * torch.randn(T, generator=g, dtype=torch.float64))
+        self.index = {float(t): i for i, t in enumerate(schedule.timesteps)}
+        self.inputs: list[tuple[int, torch.Tensor, bool]] = []
+
+    def forward(self, x, t):
+        i = self.index[float(t)]
+        self.inputs.append((i + 1, x, x.requires_grad))
+        return self.w[i] * x + self.c[i]

@@ -1,7 +1,7 @@
 """The flow-matching chain (SD3/SD3.5, FLUX): parity with diffusers' Euler scheduler, and every
 method's gradient against a reference written from the formulas, not from the sampler.
 
-The velocity model v_n(x) = w[n] * x + c[n] has its own (w, c) for each chain position n, so the
+The velocity model v_n(x) = w[n] * x + c[n] (helpers.LinearDenoiser) has its own (w, c) for each chain position n, so the
 gradients of w and c say exactly which steps carried a parameter gradient, and with what value.
 """
 
@@ -13,6 +13,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from rayreward import methods, sampling
 from rayreward.config import MethodConfig
 from rayreward.methods import StepPlan
+
+from helpers import LinearDenoiser  # here v = w[n] x + c[n]: a toy velocity model
 
 SD3 = dict(num_train_timesteps=1000, shift=3.0)  # SD3 / SD3.5's scheduler config
 FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
@@ -28,24 +30,6 @@ def make_schedule(T: int, kind: str = "sd3") -> sampling.Schedule:
     if kind == "sd3":
         return sampling.Schedule.from_scheduler(FlowMatchEulerDiscreteScheduler(**SD3), T)
     return sampling.Schedule.from_scheduler(FlowMatchEulerDiscreteScheduler(**FLUX), T, **flux_set_timesteps(T))
-
-
-class LinearVelocity(torch.nn.Module):
-    """v = w[n] * x + c[n], n the chain position of t."""
-
-    def __init__(self, schedule: sampling.Schedule, seed: int = 0):
-        super().__init__()
-        T = schedule.num_steps
-        g = torch.Generator().manual_seed(seed)
-        self.w = torch.nn.Parameter(0.4 * torch.rand(T, generator=g, dtype=torch.float64) - 0.2)
-        self.c = torch.nn.Parameter(0.1 * torch.randn(T, generator=g, dtype=torch.float64))
-        self.index = {float(t): i for i, t in enumerate(schedule.timesteps)}
-        self.calls: list[int] = []
-
-    def forward(self, x, t):
-        i = self.index[float(t)]
-        self.calls.append(i + 1)
-        return self.w[i] * x + self.c[i]
 
 
 def x_T_of(B: int = 2, seed: int = 0) -> torch.Tensor:
@@ -134,13 +118,13 @@ def test_every_method_has_the_exact_gradient_on_a_flow_chain(method, kind):
     for seed in range(3):  # several draws of the method's random steps
         gens = [torch.Generator().manual_seed(10 * seed + i) for i in range(B)]
         plan = methods.make_plan(method, T, B, torch.Generator().manual_seed(seed), sample_gens=gens)
-        den = LinearVelocity(sch, seed)
+        den = LinearDenoiser(sch, seed)
         x_T = x_T_of(B, seed).requires_grad_(True)
         noise = [torch.Generator().manual_seed(100 + i) for i in range(B)]
         res = sampling.sample(den, sch, x_T, plan, generator=noise)
         res.copy_mean(res.latents.flatten(1).sum(1)).sum().backward()
 
-        ref_den = LinearVelocity(sch, seed)
+        ref_den = LinearDenoiser(sch, seed)
         ref_x = x_T.detach().clone().requires_grad_(True)
         z = None
         if plan.lv_copies:  # the same re-noising draws: copy-major rows, row r from generator r mod B
@@ -163,7 +147,7 @@ def test_drtune_on_a_flow_chain_keeps_the_identity_path_in_x():
     sch = make_schedule(T)
     plan = StepPlan(T, frozenset({2, 5}), detach_input=True, stop=8)
     x_T = x_T_of().requires_grad_(True)
-    res = sampling.sample(LinearVelocity(sch), sch, x_T, plan)
+    res = sampling.sample(LinearDenoiser(sch), sch, x_T, plan)
     res.latents.sum().backward()
     assert torch.equal(x_T.grad, torch.ones_like(x_T))
     assert [r.input_detached for r in res.trace] == [True] * 8
@@ -172,7 +156,7 @@ def test_drtune_on_a_flow_chain_keeps_the_identity_path_in_x():
 def test_early_stop_on_a_flow_chain_returns_x_minus_sigma_v():
     T, stop = 8, 5
     sch = make_schedule(T, "flux")
-    den = LinearVelocity(sch)
+    den = LinearDenoiser(sch)
     seen = []
     res = sampling.sample(lambda x, t: (seen.append(x), den(x, t))[1], sch, x_T_of(), StepPlan(T, frozenset(), stop=stop))
     x_stop = seen[-1]

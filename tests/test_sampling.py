@@ -14,30 +14,14 @@ from rayreward import methods, sampling
 from rayreward.config import MethodConfig
 from rayreward.methods import StepPlan
 
+from helpers import LinearDenoiser
+
 
 def make_schedule(T: int, dtype=torch.float64) -> sampling.Schedule:
     sch = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                         set_alpha_to_one=False, steps_offset=1)
     s = sampling.Schedule.from_scheduler(sch, T)
     return sampling.Schedule(s.timesteps, s.abar.to(dtype), s.abar_prev.to(dtype), s.prediction_type)
-
-
-class LinearDenoiser(torch.nn.Module):
-    """eps = w[n] * x + c[n], n the chain position of timestep t; records its inputs."""
-
-    def __init__(self, schedule: sampling.Schedule, seed: int = 0):
-        super().__init__()
-        T = schedule.num_steps
-        g = torch.Generator().manual_seed(seed)
-        self.w = torch.nn.Parameter(0.3 * torch.rand(T, generator=g, dtype=torch.float64) - 0.15)
-        self.c = torch.nn.Parameter(0.1 * torch.randn(T, generator=g, dtype=torch.float64))
-        self.index = {int(t): i for i, t in enumerate(schedule.timesteps)}
-        self.inputs: list[tuple[int, torch.Tensor, bool]] = []
-
-    def forward(self, x, t):
-        i = self.index[int(t)]
-        self.inputs.append((i + 1, x, x.requires_grad))
-        return self.w[i] * x + self.c[i]
 
 
 def run(plan: StepPlan, T: int, B: int = 2, seed: int = 0, x_T=None, **kw):
