@@ -109,6 +109,9 @@ class TrainConfig:
     # limit); a guided call counts once, DRaFT-LV's n copies n times, backward's recomputation not
     # at all. What an equal-compute comparison of methods fixes (metrics.csv: unet_calls_total)
     max_unet_calls: int = 0
+    # stop after the step at which the run has trained this many seconds (the sum of s_step, the
+    # slowest worker's; compile time and grids excluded; 0: no limit): an equal-wall-time budget
+    max_seconds: float = 0.0
     batch_size: int = 4  # prompts per step (per worker!)
     seed: int = 0  # seeds the noise, the step selection and the prompt order
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
@@ -402,6 +405,8 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
         p.append(f"train.cpus_per_worker: {t.cpus_per_worker} is not allowed; need a number > 0")
     if t.max_unet_calls < 0:
         p.append(f"train.max_unet_calls: {t.max_unet_calls} is not allowed; need an integer >= 0 (0: no limit)")
+    if not 0 <= t.max_seconds < math.inf:
+        p.append(f"train.max_seconds: {t.max_seconds} is not allowed; need a finite number >= 0 (0: no limit)")
     if t.max_failures < -1:
         p.append(f"train.max_failures: {t.max_failures} is not allowed; need >= 0, or -1 for unlimited")
     rs = cfg.reward_server

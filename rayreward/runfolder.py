@@ -44,7 +44,7 @@ RESUMES_FILE = "resumes.jsonl"
 # Fields that may change between a run and its resume: how long it runs, how often it saves,
 # where and on what hardware, how rewards are hosted, what the grids show. Every other field
 # shapes what is trained, so a resume with another value would mix two runs.
-FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "train.checkpoint_every", "train.max_failures",
+FREE_ON_RESUME = ("name", "output_dir", "train.steps", "train.max_unet_calls", "train.max_seconds", "train.checkpoint_every", "train.max_failures",
                   "train.use_gpu", "train.gpus_per_worker", "train.cpus_per_worker", "train.mixed_precision", "train.compile",
                   "train.vae_checkpointing", "train.resume",
                   "train.start_timeout_s",
@@ -61,6 +61,7 @@ class Resume:
     step: int = 0  # the next step to run
     skipped: int = 0  # non-finite steps skipped so far
     unet_calls: int = 0  # UNet calls per sample so far (train.max_unet_calls)
+    seconds: float = 0.0  # training seconds so far (train.max_seconds)
     lora_state: dict | None = None  # peft-named LoRA tensors, checked finite
     optimizer_state: dict | None = None
     folder: str | None = None  # the checkpoint it came from
@@ -80,6 +81,7 @@ def read_checkpoint(folder: str | os.PathLike) -> Resume:
         state = json.loads(f.read_text())
         step, skipped = int(state["step"]), int(state["skipped"])
         calls = int(state.get("unet_calls", 0))  # absent from checkpoints written before the call budget
+        seconds = float(state.get("seconds", 0.0))  # and before the time budget
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
     try:
@@ -96,18 +98,18 @@ def read_checkpoint(folder: str | os.PathLike) -> Resume:
         cfg = yaml.safe_load(f.read_text()) if f.exists() else {}
     except (OSError, yaml.YAMLError) as e:
         raise CheckpointError(f"{f}: unreadable ({e})") from None
-    return Resume(step, skipped, calls, lora, opt, str(folder), cfg or {})
+    return Resume(step, skipped, calls, seconds, lora, opt, str(folder), cfg or {})
 
 
 def write_checkpoint(folder: Path, unet, flavour: str, optimizer, step: int, skipped: int, cfg,
-                     unet_calls: int = 0) -> Path:
+                     unet_calls: int = 0, seconds: float = 0.0) -> Path:
     import torch
 
     from rayreward import lora_io
 
     lora_io.save_lora(unet, folder / "lora", flavour)
     torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-    (folder / STATE_FILE).write_text(json.dumps({"step": step, "skipped": skipped, "unet_calls": unet_calls,
+    (folder / STATE_FILE).write_text(json.dumps({"step": step, "skipped": skipped, "unet_calls": unet_calls, "seconds": seconds,
                                                      "seed": cfg.train.seed}))
     config_mod.dump(cfg, folder / CONFIG_FILE)
     return folder

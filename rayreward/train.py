@@ -125,6 +125,14 @@ class GradSync:
             offset += p.numel()
         return stats.unpack(flat[offset:])
 
+    def slowest(self, seconds: float) -> float:
+        """The largest of every worker's `seconds` (one scalar all-reduce)."""
+        if not self.active:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return float(t)
+
     def max_divergence(self) -> float:
         """Largest difference of a LoRA fingerprint (sum, sum of squares) between workers."""
         if not self.active:
@@ -381,24 +389,24 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) ->
     if main:
         _open_run_folder(cfg, w, resume, written, grid_prompts)
     # 2. compile before the first step (train.compile), timed apart from the steps
-    tally = Tally(resume.skipped, resume.unet_calls)
-    s_compile = w.warm_up() if not finished(cfg, resume.step, tally.calls) else 0.0  # 0 without train.compile
+    tally = Tally(resume.skipped, resume.unet_calls, resume.seconds)
+    s_compile = w.warm_up() if not finished(cfg, resume.step, tally.calls, tally.seconds) else 0.0  # 0 without compile
     if main and s_compile:
         print(f"[rayreward] torch.compile ({cfg.train.compile}): {s_compile:.1f} s, once per worker; not in s/step",
               flush=True)
     fault_at = runtime.fault_step() if main else None  # tests only
     row: dict = {}
     for step in range(resume.step, cfg.train.steps):
-        if finished(cfg, step, tally.calls):  # the call budget, reached before a resume
+        if finished(cfg, step, tally.calls, tally.seconds):  # a budget, reached before a resume
             break
         if step == fault_at and written.first_fault(step):  # tests only
             print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
             os._exit(1)
         # 3. one optimizer step, and the run's running totals in its row
-        row = tally.add(w.train_step(step))
+        row = tally.add(w.train_step(step), w.sync)
         if step == resume.step and s_compile:
             row["s_compile"] = s_compile
-        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or finished(cfg, step + 1, tally.calls)
+        checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or finished(cfg, step + 1, tally.calls, tally.seconds)
         if checkpoint_now:
             row["lora_divergence"] = _check_in_sync(w, step)  # every worker takes part
         # 4. rank 0 logs the row; every worker reports it, with a checkpoint on checkpoint steps
@@ -415,18 +423,21 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) ->
 @dataclass
 class Tally:
     """A run's running totals, kept in each row: skipped (non-finite) steps, UNet calls per sample,
-    and the reward smoothed over the last 5 steps (what sweeps rank and stop trials on)."""
+    training seconds (the slowest worker's, so that every worker stops on train.max_seconds at the
+    same step) and the reward smoothed over the last 5 steps (what sweeps rank and stop trials on)."""
 
     skipped: int = 0
     calls: int = 0
+    seconds: float = 0.0
     recent: list[float] = field(default_factory=list)
 
-    def add(self, row: dict) -> dict:
+    def add(self, row: dict, sync: "GradSync | None" = None) -> dict:
         self.skipped += int(not row["stepped"] and row["trained_steps"] > 0)  # non-finite, not merely empty
         self.calls += row["unet_calls"]
+        self.seconds += row["s_step"] if sync is None else sync.slowest(row["s_step"])
         self.recent = (self.recent + [row["reward_mean"]])[-5:]
         return {**row, "skipped_total": self.skipped, "unet_calls_total": self.calls,
-                "reward_smooth": sum(self.recent) / len(self.recent)}
+                "train_seconds_total": self.seconds, "reward_smooth": sum(self.recent) / len(self.recent)}
 
 
 def _open_run_folder(cfg: config_mod.Config, w: Worker, resume: Resume, written, grid_prompts: list[str]) -> None:
@@ -438,7 +449,7 @@ def _open_run_folder(cfg: config_mod.Config, w: Worker, resume: Resume, written,
     written.open(resume.step, node)
     if resume.step:
         print(f"[rayreward] resuming from the checkpoint at step {resume.step} in {resume.folder}"
-              + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls) else ""), flush=True)
+              + (" (already complete)" if finished(cfg, resume.step, resume.unet_calls, resume.seconds) else ""), flush=True)
     else:
         w.grid(grid_prompts, "start", written, step=0)
     print(f"[rayreward] {cfg.method.name} on {cfg.model.name} ({w.c.flavour}), T={cfg.sampling.num_steps}, "
@@ -465,7 +476,7 @@ def _report(report, row: dict, w: Worker, step: int, tally: Tally, cfg: config_m
         return
     with tempfile.TemporaryDirectory(prefix="rayreward-ckpt-") as tmp:
         report(row, write_checkpoint(Path(tmp), w.c.denoiser, w.c.flavour, w.optimizer, step + 1, tally.skipped, cfg,
-                                     tally.calls))
+                                     tally.calls, tally.seconds))
 
 
 def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, written, grid_prompts: list[str]) -> None:
@@ -479,11 +490,13 @@ def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, writte
               f"start -> end: {change}", flush=True)
 
 
-def finished(cfg: config_mod.Config, steps_done: int, calls_done: int) -> bool:
-    """Whether a run that has made `steps_done` steps and `calls_done` UNet calls per sample is
-    done: train.steps reached, or train.max_unet_calls (when set)."""
-    budget = cfg.train.max_unet_calls
-    return steps_done >= cfg.train.steps or (budget > 0 and calls_done >= budget)
+def finished(cfg: config_mod.Config, steps_done: int, calls_done: int, seconds_done: float = 0.0) -> bool:
+    """Whether a run that has made `steps_done` steps, `calls_done` UNet calls per sample and
+    trained `seconds_done` seconds is done: train.steps reached, or train.max_unet_calls or
+    train.max_seconds (when set)."""
+    t = cfg.train
+    return (steps_done >= t.steps or (t.max_unet_calls > 0 and calls_done >= t.max_unet_calls)
+            or (t.max_seconds > 0 and seconds_done >= t.max_seconds))
 
 
 def progress_line(row: dict, steps: int) -> str:

@@ -430,7 +430,9 @@ def results_table(grid, sweep: SweepConfig):
         log = Path(row["trial_dir"]) / "metrics.csv"
         row["steps_trained"] = len(pd.read_csv(log)) if log.is_file() else 0
         budget = int(cfg.get("search", {}).get("train.max_unet_calls", sweep.base["train"].get("max_unet_calls", 0)))
-        spent = budget > 0 and (last.get("unet_calls_total") or 0) >= budget  # ended on train.max_unet_calls
+        seconds = float(cfg.get("search", {}).get("train.max_seconds", sweep.base["train"].get("max_seconds", 0)))
+        spent = ((budget > 0 and (last.get("unet_calls_total") or 0) >= budget)  # ended on train.max_unet_calls
+                 or (seconds > 0 and (last.get("train_seconds_total") or 0) >= seconds))  # or train.max_seconds
         row["stopped_early"] = row["steps"] < int(sweep.base["train"]["steps"]) and not spent
         rows.append(row)
     df = pd.DataFrame(rows)

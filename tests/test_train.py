@@ -144,6 +144,27 @@ def test_a_unet_call_budget_ends_the_run_and_survives_a_resume(tmp_path):
     assert len(more) > len(log) and int(more[-1]["unet_calls_total"]) >= 14 > int(more[-2]["unet_calls_total"])
 
 
+def test_a_time_budget_ends_the_run_and_survives_a_resume(tmp_path):
+    """train.max_seconds: the run ends on the step at which its summed s_step reaches the budget
+    (a budget below one step's time: after the first step); checkpoints keep the total, so a
+    resume past it trains nothing more, and a larger budget goes on from it."""
+    saved = {}
+    cfg = quick_cfg(tmp_path, "train.steps=50", "train.max_seconds=1e-6", "train.checkpoint_every=100")
+    last = train.run_training(cfg, report=lambda row, folder: folder and saved.update(r=runfolder.read_checkpoint(folder)))
+    log = rows(tmp_path / "metrics.csv")
+    assert len(log) == 1 and float(log[0]["train_seconds_total"]) == pytest.approx(float(log[0]["s_step"]))
+    assert last["train_seconds_total"] == pytest.approx(saved["r"].seconds) and saved["r"].step == 1
+    train.run_training(quick_cfg(tmp_path, "train.steps=50", "train.max_seconds=1e-6"), resume=saved["r"])
+    assert len(rows(tmp_path / "metrics.csv")) == 1
+    spent = float(log[0]["s_step"])
+    train.run_training(quick_cfg(tmp_path, "train.steps=50", f"train.max_seconds={spent * 1.5}"), resume=saved["r"])
+    more = rows(tmp_path / "metrics.csv")
+    totals = [float(r["train_seconds_total"]) for r in more]
+    assert len(more) >= 2 and totals[-1] >= spent * 1.5 > totals[-2]
+    with pytest.raises(config.ConfigError, match=r"train.max_seconds: -1.0 is not allowed"):
+        quick_cfg(tmp_path, "train.max_seconds=-1")
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a DDIM chain and a flow-matching one
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, model):
     """All randomness of a step comes from (seed, step, rank): 2 steps + resume + 2 steps == 4 steps."""
