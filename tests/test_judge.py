@@ -17,7 +17,11 @@ def test_a_caption_parses_back_into_its_scene():
         back = shapes.parse(s.caption)
         assert back.caption == s.caption and back.background == s.background
         assert [(a.kind, a.colour, a.place) for a in back.shapes] == [(a.kind, a.colour, a.place) for a in s.shapes]
+    unplaced = shapes.parse("a purple star, on a gray background")
+    assert unplaced.shapes[0].place == "anywhere" and not unplaced.shapes[0].size_said
     for text in ["a photo of a cat", "a red dog in the centre, on a black background",
+                 "a red star and a blue circle on the right, on a black background",  # only a lone shape goes unplaced
+                 "a small red star and a blue circle, on a black background",
                  "a large red star in the centre, on a pink background", "a red star in the centre, on a black background"]:
         with pytest.raises(ValueError, match="not a caption of the shapes world"):
             shapes.parse(text)
@@ -29,6 +33,28 @@ def test_labels_put_each_shape_in_its_column():
                                  judge.BACKGROUND_CLASSES.index("striped")]
     two = shapes.parse("a blue square on the left and a green circle on the right, on a white background")
     assert judge.labels(two)[:3] == [judge.KIND_CLASSES.index("square"), 0, judge.KIND_CLASSES.index("circle")]
+
+
+def test_an_unplaced_caption_is_read_in_whichever_column_holds_the_shape():
+    """Labels follow where an unplaced shape stands (thirds of the side); the caption's readings
+    are its three columns, and the alignment sums their probabilities."""
+    from dataclasses import replace
+
+    s = shapes.parse("a large red star, on a striped background")
+    at = lambda x: replace(s, shapes=(replace(s.shapes[0], dx=x - 0.5),))  # noqa: E731
+    assert [judge.slot(at(x), at(x).shapes[0]) for x in (0.3, 0.5, 0.7)] == [0, 1, 2]
+    r = judge.readings(s.caption)
+    assert len(r) == 3 and r[0] == judge.labels(at(0.3)) and r[2] == judge.labels(at(0.7))
+    assert judge.readings("a large red star on the left, on a striped background") == [judge.labels(at(0.3))]
+    # a judge certain of the left column: the unplaced caption scores as high as the placed one
+    torch.manual_seed(0)
+    j = judge.Judge()
+    x = torch.rand(1, 3, 64, 64)
+    left = judge.alignment(j, x, ["a large red star on the left, on a striped background"])
+    lp, _ = judge.log_probs(j, x, [s.caption])
+    joint = lp.sum(dim=2)[0]
+    assert torch.allclose(judge.alignment(j, x, [s.caption]), torch.logsumexp(joint, 0)[None] / 7)
+    assert torch.allclose(joint[0] / 7, left) and judge.alignment(j, x, [s.caption]) >= left
 
 
 def test_the_alignment_is_differentiable_and_names_a_prompt_it_cannot_read():
@@ -66,6 +92,8 @@ def test_the_builtin_judge_reads_held_out_drawings():
     caps = [s.caption for s in scenes]
     labels_read, all_read = judge.agreement(j, x, caps)
     assert labels_read.mean() > 0.97 and all_read.mean() > 0.85
+    unplaced = [c for c in caps if shapes.parse(c).shapes[0].place == "anywhere"]
+    assert len(unplaced) >= 8  # among them, read wherever the shape stands
     reward = build_reward("shapes_alignment", device="cpu")
     own = reward(x[:16], caps[:16])
     other = reward(x[:16], caps[16:32])

@@ -2,7 +2,9 @@
 
 A caption of the world names, for each of three columns (left, middle, right), the kind and the
 colour of the shape standing there, or nothing, and the background. A single shape "in the
-centre" stands in the middle column. The judge predicts these seven labels from a picture:
+centre" stands in the middle column; an unplaced one (a caption without a place) in the column its
+centre falls in (thirds of the side, edges at 0.375 and 0.625 so that each column is as wide as a
+placed shape's jitter around it allows). The judge predicts these seven labels from a picture:
 
     slot kinds    3 x (none, circle, square, triangle, star)
     slot colours  3 x (none, red, green, blue, yellow, purple, orange)
@@ -12,7 +14,8 @@ It is trained on drawn pictures (`shapes.draw`), blurred, noised and shifted in 
 so that it also reads a small diffusion model's softer output. Two uses:
 
 - `alignment(...)`: the mean log-probability of the caption's labels, differentiable in the
-  image; the `shapes_alignment` reward. Hacking a symmetry reward (the picture stops showing what
+  image; the `shapes_alignment` reward. An unplaced caption is read in whichever column holds
+  the shape: the labels' joint probability is summed over the three ways to place it. Hacking a symmetry reward (the picture stops showing what
   the prompt asks) shows as this number falling.
 - `agreement(...)`: how many of the caption's labels the judge's argmax reads, per picture (0 to
   1), and whether all of them are read; what the evaluation reports.
@@ -45,13 +48,31 @@ N_LABELS = 2 * len(SLOTS) + 1
 BUILTIN = Path(__file__).parent.parent / "assets" / "shapes-judge"
 
 
-def labels(scene: shapes.Scene) -> list[int]:
-    """The seven label indices of a scene: kind and colour of each slot, then the background."""
+def slot(scene: shapes.Scene, sh: shapes.Shape) -> int:
+    """The column a shape stands in: its place's, or for an unplaced one the third its centre is in."""
+    if sh.place != "anywhere":
+        return SLOT_OF[sh.place]
+    x = shapes.centre(scene, sh)[0]
+    return 0 if x < 0.375 else 2 if x > 0.625 else 1
+
+
+def labels(scene: shapes.Scene, slots: Sequence[int] | None = None) -> list[int]:
+    """The seven label indices of a scene: kind and colour of each slot, then the background.
+    `slots`: the column of each shape (default: where it stands, `slot`)."""
     kinds, colours = [0] * len(SLOTS), [0] * len(SLOTS)
-    for sh in scene.shapes:
-        i = SLOT_OF[sh.place]
+    for j, sh in enumerate(scene.shapes):
+        i = slot(scene, sh) if slots is None else slots[j]
         kinds[i], colours[i] = KIND_CLASSES.index(sh.kind), COLOUR_CLASSES.index(sh.colour)
     return kinds + colours + [BACKGROUND_CLASSES.index(scene.background)]
+
+
+def readings(caption: str) -> list[list[int]]:
+    """Every label list a picture may show for a caption: one for a caption that places its
+    shapes, three (one per column) for an unplaced shape."""
+    scene = shapes.parse(caption)
+    if any(sh.place == "anywhere" for sh in scene.shapes):
+        return [labels(scene, [i]) for i in range(len(SLOTS))]
+    return [labels(scene)]
 
 
 class Judge(nn.Module):
@@ -83,29 +104,42 @@ class Judge(nn.Module):
         return list(self.head(h).split(self.sizes, dim=1))
 
 
-def targets(prompts: Sequence[str], device) -> torch.Tensor:
-    """(B, 7) label indices of the captions; a ValueError names a prompt that is not one."""
-    return torch.tensor([labels(shapes.parse(p)) for p in prompts], device=device)
+def targets(prompts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 7) label indices of each caption's readings (`readings`, repeated to three) and
+    (B, 3) which of them are distinct; a ValueError names a prompt that is not a caption."""
+    ys, valid = [], []
+    for p in prompts:
+        r = readings(p)
+        ys.append(r + [r[0]] * (len(SLOTS) - len(r)))
+        valid.append([True] * len(r) + [False] * (len(SLOTS) - len(r)))
+    return torch.tensor(ys, device=device), torch.tensor(valid, device=device)
 
 
-def log_probs(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """(B, 7): log p(the caption's label) for each label."""
-    y = targets(prompts, images.device)
-    return torch.stack([F.log_softmax(lg.float(), dim=1).gather(1, y[:, i:i + 1])[:, 0]
-                        for i, lg in enumerate(judge(images))], dim=1)
+def log_probs(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, 7): log p(label) for each reading of the caption and each label; (B, 3): valid."""
+    y, valid = targets(prompts, images.device)
+    return torch.stack([F.log_softmax(lg.float(), dim=1)[:, None, :].expand(-1, y.shape[1], -1)
+                        .gather(2, y[:, :, i:i + 1])[..., 0] for i, lg in enumerate(judge(images))], dim=2), valid
 
 
 def alignment(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-    """The mean log-probability of the caption's seven labels, (B,); 0 is perfect."""
-    return log_probs(judge, images, prompts).mean(dim=1)
+    """log p(the caption's labels) / 7, (B,); 0 is perfect. For a caption that places its shapes,
+    the mean log-probability of its seven labels; for an unplaced one, of their joint probability
+    summed over the columns the shape may stand in."""
+    lp, valid = log_probs(judge, images, prompts)
+    joint = lp.sum(dim=2).masked_fill(~valid, float("-inf"))
+    return torch.logsumexp(joint, dim=1) / N_LABELS
 
 
 @torch.no_grad()
 def agreement(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fraction of the caption's labels the judge reads, all of them read), each (B,)."""
-    y = targets(prompts, images.device)
-    hit = torch.stack([lg.argmax(dim=1) == y[:, i] for i, lg in enumerate(judge(images))], dim=1).float()
-    return hit.mean(dim=1), (hit.min(dim=1).values == 1).float()
+    """(fraction of the caption's labels the judge reads, all of them read), each (B,); an
+    unplaced caption is read in its best column."""
+    y, valid = targets(prompts, images.device)
+    hit = torch.stack([lg.argmax(dim=1)[:, None] == y[:, :, i] for i, lg in enumerate(judge(images))], dim=2).float()
+    part = hit.mean(dim=2).masked_fill(~valid, -1.0).max(dim=1).values
+    whole = (hit.min(dim=2).values == 1).logical_and(valid).any(dim=1).float()
+    return part, whole
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,8 +182,8 @@ def train(steps: int = 2500, batch_size: int = 64, lr: float = 2e-3, seed: int =
     data = pretrain.batches(steps, batch_size, 7_000_003 + seed, workers)
     t0, losses = time.time(), []
     with pretrain.progress(steps, "judge") as bar:
-        for step, (x, captions, _) in enumerate(data):
-            y = targets(captions, device)
+        for step, (x, scenes_, _) in enumerate(data):
+            y = torch.tensor([labels(sc) for sc in scenes_], device=device)
             logits = judge(augment((x + 1) / 2, g).to(device))
             loss = sum(F.cross_entropy(lg, y[:, i]) for i, lg in enumerate(logits)) / N_LABELS
             opt.zero_grad(set_to_none=True)

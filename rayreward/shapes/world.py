@@ -6,10 +6,15 @@ its own description (`caption`), so a caption always says what the picture holds
     "a large red circle in the centre, on a black background"
     "a blue square on the left and a yellow star on the right, on a striped background"
 
+    "a red star, on a gray background"                  (no place, no size: the noise decides)
+
 What a reward can move here: symmetry and centring (every shape is mirror-symmetric about its
 vertical axis; a single shape "in the centre" is placed with a small random offset, and some
 single shapes sit on the left or right), colour, shape, counting (one to three) and prompt
-alignment (the caption names each shape's colour, kind and place). Nothing is downloaded and no
+alignment (the caption names each shape's colour, kind and place). Half of the single shapes are
+"unplaced": the caption leaves the place (and, half of those times, the size) unsaid and the shape
+stands anywhere in a wide box, so a model trained on the world must choose the layout from its
+initial noise, which is what a layout reward (`centring`) can then train. Nothing is downloaded and no
 file is read. The words of the world (`VOCABULARY`) make a word-level CLIP tokenizer
 (`tokenizer`), so captions are a few tokens long.
 """
@@ -20,7 +25,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 KINDS = ("circle", "square", "triangle", "star")
@@ -30,7 +35,8 @@ BACKGROUNDS = {"black": (20, 20, 20), "white": (235, 235, 235), "gray": (120, 12
 SIZES = {"small": 0.10, "large": 0.17}  # radius as a fraction of the image side (one shape)
 # where a shape stands: its horizontal centre as a fraction of the side, and the caption's words
 PLACES = {"left": (0.25, "on the left"), "middle": (0.5, "in the middle"), "right": (0.75, "on the right"),
-          "centre": (0.5, "in the centre")}
+          "centre": (0.5, "in the centre"), "anywhere": (0.5, "")}
+UNPLACED_BOX = (0.30, 0.20)  # an unplaced shape's centre: 0.5 plus up to this much in x and in y
 HELD_OUT = 10**15  # held-out prompts come from scene seeds from here on; training draws seeds below it
 VOCABULARY = sorted({"a", "and", "on", "the", "in", "background", *KINDS, *COLOURS, *BACKGROUNDS, *SIZES, "left",
                      "right", "middle", "centre", ","})
@@ -44,6 +50,7 @@ class Shape:
     place: str  # one of PLACES
     dx: float = 0.0  # offset of the centre from its place, fraction of the side
     dy: float = 0.0
+    size_said: bool = True  # False: the caption leaves the size unsaid (an unplaced single shape)
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,10 @@ class Scene:
 def scene(seed: int, max_shapes: int = 3) -> Scene:
     """The scene of `seed` (deterministic): one shape in half the scenes, else two or three in
     separate columns. A single shape is "in the centre" 70 % of the time (offset by up to 6 % of
-    the side, so not exactly centred), else on the left or right."""
+    the side, so not exactly centred), else on the left or right; then, half of the time, it is
+    made unplaced: moved anywhere in `UNPLACED_BOX` (uniform), its place dropped from the caption
+    and, every other time, its size too. (The unplaced draw comes after every other draw, so the
+    placed scenes are those of the world before unplaced captions existed.)"""
     rng = random.Random(seed)
     n = 1 if rng.random() < 0.5 or max_shapes == 1 else rng.randint(2, max_shapes)
     if n == 1:
@@ -73,28 +83,34 @@ def scene(seed: int, max_shapes: int = 3) -> Scene:
         jitter = 0.06 if n == 1 else 0.03
         shapes.append(Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(SIZES)) if n == 1 else "small",
                             place, rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)))
-    return Scene(tuple(shapes), rng.choice(list(BACKGROUNDS)))
+    background = rng.choice(list(BACKGROUNDS))
+    if n == 1 and rng.random() < 0.5:
+        bx, by = UNPLACED_BOX
+        shapes = [replace(shapes[0], place="anywhere", dx=rng.uniform(-bx, bx), dy=rng.uniform(-by, by),
+                          size_said=rng.random() < 0.5)]
+    return Scene(tuple(shapes), background)
 
 
 def caption(s: Scene) -> str:
-    """The scene in words: each shape (size only when alone), its place, then the background."""
+    """The scene in words: each shape (size only when alone and said), its place (unless
+    unplaced), then the background."""
     def one(sh: Shape) -> str:
-        words = ["a"] + ([sh.size] if len(s.shapes) == 1 else []) + [sh.colour, sh.kind, PLACES[sh.place][1]]
-        return " ".join(words)
+        words = ["a"] + ([sh.size] if len(s.shapes) == 1 and sh.size_said else []) + [sh.colour, sh.kind]
+        return " ".join(words + ([PLACES[sh.place][1]] if sh.place != "anywhere" else []))
 
     parts = [one(sh) for sh in s.shapes]
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{body}, on a {s.background} background"
 
 
-_PART = re.compile(r"a (?:(small|large) )?(\w+) (\w+) (on the left|in the middle|on the right|in the centre)")
+_PART = re.compile(r"a (?:(small|large) )?(\w+) (\w+)(?: (on the left|in the middle|on the right|in the centre))?")
 _PLACE_OF = {words: place for place, (_, words) in PLACES.items()}
 
 
 def parse(text: str) -> Scene:
-    """The scene a caption describes (offsets 0; a shape that is not alone is "small"), so that
-    `caption(parse(c)) == c` for every caption of the world. Raises ValueError on any other text,
-    naming it."""
+    """The scene a caption describes (offsets 0; a shape that is not alone is "small"; an unplaced
+    one is "anywhere", "large" when its size is unsaid), so that `caption(parse(c)) == c` for every
+    caption of the world. Raises ValueError on any other text, naming it."""
     head, sep, tail = text.rpartition(", on a ")
     background = tail.removesuffix(" background")
     parts = head.replace(" and ", ", ").split(", ") if head else []
@@ -105,9 +121,12 @@ def parse(text: str) -> Scene:
     out = []
     for m in found:
         size, colour, kind, place = m.groups()
-        if colour not in COLOURS or kind not in KINDS or (size is not None) != (len(parts) == 1):
+        alone_unplaced = len(parts) == 1 and place is None
+        if (colour not in COLOURS or kind not in KINDS or (place is None and len(parts) > 1)
+                or (size is None and len(parts) == 1 and not alone_unplaced) or (size is not None and len(parts) > 1)):
             raise ValueError(f"not a caption of the shapes world: {text!r}")
-        out.append(Shape(kind, colour, size or "small", _PLACE_OF[place]))
+        out.append(Shape(kind, colour, size or ("large" if alone_unplaced else "small"),
+                         _PLACE_OF[place] if place else "anywhere", size_said=size is not None or len(parts) > 1))
     scene_ = Scene(tuple(out), background)
     if caption(scene_) != text:
         raise ValueError(f"not a caption of the shapes world: {text!r}")
@@ -168,6 +187,21 @@ def draw(s: Scene, side: int = 64):
 def prompts(count: int, start: int = HELD_OUT) -> list[str]:
     """Captions of scenes from a seed range that pretraining never draws (held-out prompts)."""
     return [scene(seed).caption for seed in range(start, start + count)]
+
+
+def unplaced_prompts(count: int, start: int = HELD_OUT, exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The first `count` distinct unplaced captions (one shape, no place) of the scenes from seed
+    `start` on, none of `exclude`: the prompts of a layout study, where the model chooses the place.
+    (There are 288 such captions, so a held-out set excludes the training set's texts.)"""
+    out: list[str] = []
+    seed = start
+    while len(out) < count:
+        s = scene(seed)
+        if (len(s.shapes) == 1 and s.shapes[0].place == "anywhere" and s.caption not in out
+                and s.caption not in exclude):
+            out.append(s.caption)
+        seed += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
