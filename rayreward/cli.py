@@ -295,7 +295,8 @@ def cmd_pretrain(args) -> int:
     from rayreward.runtime import resolve_device
 
     cfg = PretrainConfig(out=args.out, part=args.part, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
-                         judge_steps=args.judge_steps, vae_from=args.vae_from, batch_size=args.batch_size,
+                         judge_steps=args.judge_steps, vae_from=args.vae_from, init_from=args.init_from,
+                         batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, threads=args.threads, workers=args.workers,
                          device=str(resolve_device(args.device, "--device")))
     cfg.check()
@@ -427,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
     q.add_argument("--judge-steps", type=int, default=defaults.judge_steps)
     q.add_argument("--vae-from", default="", help="reuse this pretrained folder's VAE and skip the VAE phase")
+    q.add_argument("--init-from", default="", metavar="DIR",
+                   help="fine-tune this pretrained model (its UNet, text encoder and VAE) instead of starting from "
+                        "random weights; no VAE phase")
     q.add_argument("--batch-size", type=int, default=defaults.batch_size)
     q.add_argument("--lr", type=float, default=defaults.lr, help="the UNet's and text encoder's (part model)")
     q.add_argument("--seed", type=int, default=defaults.seed)

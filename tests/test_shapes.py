@@ -52,6 +52,24 @@ def test_captions_say_what_is_drawn():
     assert all(n > 30 for n in counts.values()), counts
 
 
+def test_unplaced_captions_leave_the_place_to_the_noise():
+    """A quarter of the scenes are one unplaced shape: the caption names no place (and, half of
+    those times, no size); the shape stands anywhere in the world's box, so across such scenes its
+    centre spreads like a uniform draw (std 0.3 * 2 / sqrt(12) = 0.17 of the side in x)."""
+    unplaced = [s for s in map(shapes.scene, range(2000)) if s.shapes[0].place == "anywhere"]
+    assert 0.2 < len(unplaced) / 2000 < 0.3 and all(len(s.shapes) == 1 for s in unplaced)
+    for s in unplaced:
+        assert not any(words in s.caption for _, words in shapes.PLACES.values() if words), s.caption
+        assert (shapes.SIZES.keys() & set(s.caption.split())) == ({s.shapes[0].size} if s.shapes[0].size_said else set())
+    said = sum(s.shapes[0].size_said for s in unplaced) / len(unplaced)
+    assert 0.4 < said < 0.6
+    xs = np.array([shapes.centre(s, s.shapes[0])[0] for s in unplaced])
+    assert abs(xs.std() - 0.6 / np.sqrt(12)) < 0.02 and 0.2 <= xs.min() and xs.max() <= 0.8
+    # the placed scenes are those of the world before unplaced captions: the same shapes, places and offsets
+    placed = shapes.scene(3)
+    assert placed.caption == "a large purple triangle in the centre, on a black background"
+
+
 def test_every_word_of_the_world_is_one_token(tmp_path):
     tok = shapes.tokenizer(tmp_path)
     assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in shapes.VOCABULARY)
@@ -127,6 +145,16 @@ def test_a_pretrained_folder_loads_like_any_diffusers_model(tmp_path):
     assert json.loads((again / "pretrain.json").read_text())["vae_l1_end"] is None
     a, b = (models.load_components(ModelConfig(name=str(f), resolution=64)).vae.state_dict() for f in (out, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # --init-from: a fine-tune of the first model (its UNet, text encoder and VAE), recorded as such
+    tuned = tmp_path / "tuned"
+    pretrain.run(PretrainConfig(out=str(tuned), unet_steps=1, batch_size=2, lr=1e-9, init_from=str(out)))
+    rec = json.loads((tuned / "pretrain.json").read_text())
+    assert rec["vae_l1_end"] is None and rec["init_from"]["config"]["unet_steps"] == 2
+    first, second = (models.load_components(ModelConfig(name=str(f), resolution=64)) for f in (out, tuned))
+    a, b = first.vae.state_dict(), second.vae.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = first.unet.state_dict(), second.unet.state_dict()  # lr 1e-9: one step moves a weight by ~1e-9
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
 
 
 def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
@@ -139,6 +167,9 @@ def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
     assert "--unet-steps: 0 is not allowed; need an integer >= 1" in r.stderr and "--lr: -1.0 is not allowed" in r.stderr
     assert "--workers: -1 is not allowed; need an integer >= 0" in r.stderr
     assert f"--vae-from: {str(tmp_path / 'nowhere')!r} holds no VAE" in r.stderr
+    r = cli("--out", str(tmp_path / "m"), "--init-from", str(tmp_path), "--vae-from", str(tmp_path))
+    assert r.returncode == 2 and f"--init-from: {str(tmp_path)!r} is not a pretrained model folder" in r.stderr
+    assert "--init-from and --vae-from: give one" in r.stderr
     assert not (tmp_path / "m").exists()
     used = tmp_path / "used"
     used.mkdir()
@@ -156,6 +187,12 @@ def test_the_shipped_prompt_sets_are_captions_of_known_seeds():
     held = config.read_prompts("builtin:shapes_heldout", "prompt_file")
     assert held == shapes.prompts(24) and not set(held) & set(shapes.prompts(32, start=0))
     assert all(shapes.parse(p).caption == p for p in held)
+    # the layout study's sets: unplaced captions, distinct, from the same two seed ranges
+    train = config.read_prompts("builtin:shapes_unplaced", "prompt_file")
+    held = config.read_prompts("builtin:shapes_unplaced_heldout", "prompt_file")
+    assert train == shapes.unplaced_prompts(32, start=0) and held == shapes.unplaced_prompts(24, exclude=train)
+    assert len(set(train)) == 32 and len(set(held)) == 24 and not set(train) & set(held)
+    assert all(shapes.parse(p).shapes[0].place == "anywhere" for p in train + held)
 
 
 def test_the_builtin_shapes_model_loads_offline_and_follows_its_captions():

@@ -28,6 +28,7 @@ class PretrainConfig:
     vae_steps: int = 800  # VAE optimizer steps
     judge_steps: int = 2500  # the judge's optimizer steps
     vae_from: str = ""  # reuse this pretrained folder's VAE (or a VAE folder) and skip the VAE phase
+    init_from: str = ""  # start from this pretrained model (UNet, text encoder and VAE): fine-tune it, no VAE phase
     batch_size: int = 32
     lr: float = 5e-4  # UNet and text encoder (AdamW, cosine decay to 10 %)
     vae_lr: float = 1e-3
@@ -42,6 +43,10 @@ class PretrainConfig:
                for k in ("unet_steps", "vae_steps", "judge_steps", "batch_size") if getattr(self, k) < 1]
         if self.vae_from and vae_folder(self.vae_from) is None:
             bad.append(f"--vae-from: {self.vae_from!r} holds no VAE (config.json, or vae/config.json)")
+        if self.init_from and not (Path(self.init_from) / "model_index.json").is_file():
+            bad.append(f"--init-from: {self.init_from!r} is not a pretrained model folder (no model_index.json)")
+        if self.init_from and self.vae_from:
+            bad.append("--init-from and --vae-from: give one (--init-from takes the VAE of the model it starts from)")
         if self.part not in ("model", "judge"):
             bad.append(f"--part: {self.part!r} is not allowed; allowed: model, judge")
         bad += [f"{flag(k)}: {getattr(self, k)} is not allowed; need an integer >= 0"

@@ -10,6 +10,10 @@ CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two ph
    (DDPM noise, scaled-linear betas as in SD), the caption dropped 10 % of the time so that
    classifier-free guidance works.
 
+`--init-from DIR` starts phase 2 from an earlier model (its UNet, text encoder and VAE) instead of
+random weights: how the shipped model learnt the world's unplaced captions without training from
+scratch again. Its pretrain.json then holds the earlier run's under "init_from".
+
 Every batch is drawn fresh from the world (seed = step * batch + i), so there is no dataset on
 disk and no epoch; `--workers N` draws batches in N processes ahead of the trainer (on a GPU the
 drawing, not the model, is the bottleneck otherwise), with the same batches in the same order. The
@@ -73,8 +77,14 @@ def batch_seeds(step: int, size: int, seed: int) -> range:
 
 def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] (size, 3, 64, 64) and their captions, from scene seeds of this step."""
+    x, scenes = scene_batch(step, size, seed)
+    return x, [s.caption for s in scenes]
+
+
+def scene_batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list]:
+    """`batch` with the scenes themselves (where each shape stands) instead of their captions."""
     scenes = [shapes.scene(i) for i in batch_seeds(step, size, seed)]
-    return images(scenes), [s.caption for s in scenes]
+    return images(scenes), scenes
 
 
 def images(scenes) -> torch.Tensor:
@@ -86,8 +96,8 @@ def images(scenes) -> torch.Tensor:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Batch `i` of a phase (with its captions' token ids when given a tokenizer), so that a
-    DataLoader's worker processes can draw and tokenize them ahead."""
+    """Batch `i` of a phase: images, scenes, and the captions' token ids when given a tokenizer,
+    so that a DataLoader's worker processes can draw and tokenize them ahead."""
 
     def __init__(self, steps: int, size: int, seed: int, tok=None):
         self.steps, self.size, self.seed, self.tok = steps, size, seed, tok
@@ -96,8 +106,8 @@ class _Batches(torch.utils.data.Dataset):
         return self.steps
 
     def __getitem__(self, step: int):
-        x, captions = batch(step, self.size, self.seed)
-        return x, captions, None if self.tok is None else token_ids(self.tok, captions)
+        x, scenes = scene_batch(step, self.size, self.seed)
+        return x, scenes, None if self.tok is None else token_ids(self.tok, [s.caption for s in scenes])
 
 
 def token_ids(tok, captions: list[str]) -> torch.Tensor:
@@ -106,7 +116,7 @@ def token_ids(tok, captions: list[str]) -> torch.Tensor:
 
 
 def batches(steps: int, size: int, seed: int, workers: int, tok=None):
-    """The phase's (images, captions, token ids or None) in step order: drawn here, or by
+    """The phase's (images, scenes, token ids or None) in step order: drawn here, or by
     `workers` processes (the same batches)."""
     data = _Batches(steps, size, seed, tok)
     if workers < 1:
@@ -229,6 +239,21 @@ def _plot(log: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def load_model(folder: str | Path, tokenizer_dir: Path):
+    """A pretrained shapes pipeline in fp32, its tokenizer rebuilt from today's vocabulary (the
+    saved one must agree: a model whose words differ is refused)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    tok = shapes.tokenizer(tokenizer_dir)
+    if tok.get_vocab() != pipe.tokenizer.get_vocab():
+        raise RunError(f"--init-from: {str(folder)!r} has a tokenizer of other words than the shapes world's "
+                       "(made by another version of the world); start from random weights instead")
+    pipe.tokenizer = tok
+    return pipe
+
+
 def load_vae(folder: str | Path):
     """The VAE of a pretrained shapes folder (or a VAE folder itself), in fp32."""
     from diffusers import AutoencoderKL
@@ -284,11 +309,13 @@ def run(cfg: PretrainConfig) -> Path:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         pipe = build_pipeline(cfg.seed, Path(tmp) / "tokenizer")
+        if cfg.init_from:
+            pipe = load_model(cfg.init_from, Path(tmp) / "tokenizer")
         if cfg.vae_from:
             pipe.vae = load_vae(cfg.vae_from)
         pipe.to(cfg.device)
         out.mkdir(parents=True, exist_ok=True)
-        if not cfg.vae_from:
+        if not (cfg.vae_from or cfg.init_from):
             train_vae(pipe.vae, cfg, log)
             pipe.vae.register_to_config(scaling_factor=latent_scale(pipe.vae, cfg))
             require_finite({"vae": pipe.vae}, out)
@@ -314,6 +341,9 @@ def run(cfg: PretrainConfig) -> Path:
     info = {"config": asdict(cfg), "seconds": round(seconds, 1), "vae_seconds": round(t_vae, 1),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "vae_l1_start": vae_start, "vae_l1_end": vae_end, "unet_loss_start": unet_start, "unet_loss_end": unet_end}
+    if cfg.init_from:
+        before = Path(cfg.init_from) / "pretrain.json"
+        info["init_from"] = json.loads(before.read_text()) if before.is_file() else None
     files.write_text(out / "pretrain.json", json.dumps(info, indent=1))
     _plot(log, out / "loss_curve.png")
     print(f"[rayreward] pretrained {out} in {seconds / 60:.1f} min (UNet loss {unet_start:.4f} -> {unet_end:.4f}, "
