@@ -296,7 +296,7 @@ def cmd_pretrain(args) -> int:
 
     cfg = PretrainConfig(out=args.out, part=args.part, unet_steps=args.unet_steps, vae_steps=args.vae_steps,
                          judge_steps=args.judge_steps, vae_from=args.vae_from, init_from=args.init_from,
-                         batch_size=args.batch_size,
+                         placed_only=args.placed_only, batch_size=args.batch_size,
                          lr=args.lr, seed=args.seed, threads=args.threads, workers=args.workers,
                          device=str(resolve_device(args.device, "--device")))
     cfg.check()
@@ -431,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--init-from", default="", metavar="DIR",
                    help="fine-tune this pretrained model (its UNet, text encoder and VAE) instead of starting from "
                         "random weights; no VAE phase")
+    q.add_argument("--placed-only", action="store_true",
+                   help="draw the world without unplaced shapes (the built-in `shapes` model's world)")
     q.add_argument("--batch-size", type=int, default=defaults.batch_size)
     q.add_argument("--lr", type=float, default=defaults.lr, help="the UNet's and text encoder's (part model)")
     q.add_argument("--seed", type=int, default=defaults.seed)

@@ -24,7 +24,7 @@ from rayreward.errors import ConfigError
 
 METHODS = tuple(methods.METHODS)
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2")  # random-initialised, built into the cache on first use
-BUILTIN_MODELS = TINY_MODELS + ("shapes",)  # "shapes": trained on the shapes world, shipped in the package
+BUILTIN_MODELS = TINY_MODELS + ("shapes", "shapes-layout")  # trained on the shapes world, shipped in the package
 FLAVOURS = ("auto",) + families.NAMES  # model families (rayreward/families/)
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 LOSS_KINDS = ("linear", "hinge", "absolute")
@@ -36,8 +36,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass
 class ModelConfig:
-    # "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" (random-initialised, built offline), "shapes" (a 64 px SD-1.x model
-    # trained on rayreward's shapes world, shipped in the package), a hub id such as
+    # "tiny" / "tiny-sdxl" / "tiny-sd3" / "tiny-flux" / "tiny-flux2" (random-initialised, built offline), "shapes" / "shapes-layout"
+    # (64 px SD-1.x models trained on rayreward's shapes world, shipped in the package), a hub id such as
     # "stable-diffusion-v1-5/stable-diffusion-v1-5", or a local diffusers pipeline folder.
     name: str = "tiny"
     # the model family: "sd" (1.x/2.x), "sdxl", "sd3" (SD3/3.5), "flux" (FLUX.1), "flux2" (FLUX.2

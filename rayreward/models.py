@@ -24,16 +24,20 @@ from rayreward.sampling import Denoiser
 # Loading.
 
 
-SHAPES_MODEL = Path(__file__).parent / "assets" / "shapes-model"  # `model.name: shapes` (rayreward pretrain)
+ASSETS = Path(__file__).parent / "assets"
+# the shipped shapes models (rayreward pretrain): `shapes` draws a caption where it says (the
+# quickstart's), `shapes-layout` also draws captions without a place anywhere, from the noise
+SHAPES_MODELS = {"shapes": ASSETS / "shapes-model", "shapes-layout": ASSETS / "shapes-layout-model"}
 
 
 def resolve_source(model_cfg) -> str:
-    if model_cfg.name == "shapes":
-        if not tiny.complete(SHAPES_MODEL):
-            raise ModelLoadError(f"model.name: 'shapes': the built-in model is missing from {SHAPES_MODEL} (an "
+    if model_cfg.name in SHAPES_MODELS:
+        folder = SHAPES_MODELS[model_cfg.name]
+        if not tiny.complete(folder):
+            raise ModelLoadError(f"model.name: {model_cfg.name!r}: the built-in model is missing from {folder} (an "
                                  "install without the package data?); reinstall rayreward, or train one with "
                                  "`rayreward pretrain --out DIR` and set model.name to DIR")
-        return str(SHAPES_MODEL)
+        return str(folder)
     if model_cfg.name == "tiny":
         return str(tiny.folder("sd", model_cfg.seed))
     if model_cfg.name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2"):

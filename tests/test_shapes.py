@@ -66,8 +66,11 @@ def test_unplaced_captions_leave_the_place_to_the_noise():
     xs = np.array([shapes.centre(s, s.shapes[0])[0] for s in unplaced])
     assert abs(xs.std() - 0.6 / np.sqrt(12)) < 0.02 and 0.2 <= xs.min() and xs.max() <= 0.8
     # the placed scenes are those of the world before unplaced captions: the same shapes, places and offsets
-    placed = shapes.scene(3)
-    assert placed.caption == "a large purple triangle in the centre, on a black background"
+    assert shapes.scene(3).caption == "a large purple triangle in the centre, on a black background"
+    before = [shapes.scene(i, unplaced=False) for i in range(2000)]
+    assert all(a == b for a, b in zip(before, map(shapes.scene, range(2000))) if a.shapes[0].place != "anywhere"
+               and b.shapes[0].place != "anywhere")
+    assert not any(s.shapes[0].place == "anywhere" for s in before)
 
 
 def test_every_word_of_the_world_is_one_token(tmp_path):
@@ -180,12 +183,14 @@ def test_pretrain_cli_refuses_bad_settings_and_a_used_folder(tmp_path):
 
 
 def test_the_shipped_prompt_sets_are_captions_of_known_seeds():
-    """builtin:shapes (training, seeds 0..31) and builtin:shapes_heldout (from shapes.HELD_OUT)."""
+    """builtin:shapes (training, seeds 0..31) and builtin:shapes_heldout (from shapes.HELD_OUT), of
+    the world without unplaced shapes; builtin:shapes_unplaced and _heldout, only unplaced ones."""
     from rayreward import config
 
-    assert config.read_prompts("builtin:shapes", "prompt_file") == shapes.prompts(32, start=0)
+    # the world the `shapes` model knows: every caption places its shapes
+    assert config.read_prompts("builtin:shapes", "prompt_file") == shapes.prompts(32, start=0, unplaced=False)
     held = config.read_prompts("builtin:shapes_heldout", "prompt_file")
-    assert held == shapes.prompts(24) and not set(held) & set(shapes.prompts(32, start=0))
+    assert held == shapes.prompts(24, unplaced=False) and not set(held) & set(shapes.prompts(32, 0, unplaced=False))
     assert all(shapes.parse(p).caption == p for p in held)
     # the layout study's sets: unplaced captions, distinct, from the same two seed ranges
     train = config.read_prompts("builtin:shapes_unplaced", "prompt_file")
@@ -215,7 +220,7 @@ def test_the_builtin_shapes_model_loads_offline_and_follows_its_captions():
 
 
 def test_the_layout_measurement_runs_and_finds_the_shape_where_its_caption_puts_it(tmp_path):
-    """experiments/shapes/layout.py on the shipped model, shortened: a shape "on the left" has its
+    """experiments/shapes/layout.py on the shipped models, shortened: a shape "on the left" has its
     centre of mass on the left, and x0_hat's centre converges to the final one along the chain."""
     import importlib.util
 
@@ -228,3 +233,10 @@ def test_the_layout_measurement_runs_and_finds_the_shape_where_its_caption_puts_
     assert row["centre_mean"][0] < 0.4 and abs(row["centre_mean"][1] - 0.5) < 0.1
     assert row["distance_to_final"][-1] == 0 and row["distance_to_final"][0] > row["distance_to_final"][-2]
     assert (tmp_path / "layout.png").is_file() and (tmp_path / "centres.png").is_file()
+    # a caption without a place: shapes-layout puts the shape where the noise says (x spreads
+    # 0.11-0.21 of the side across 16 seeds at T = 20; the training data's own spread is 0.17),
+    # `shapes` puts it on the left every time (0.04: the jitter of "on the left")
+    unplaced = ["--steps", "8", "--seeds", "8", "--captions", "a large yellow star, on a black background"]
+    rows = {m: layout.main(["--model", m, *unplaced])["rows"][0] for m in ("shapes-layout", "shapes")}
+    assert rows["shapes-layout"]["spread_x"] > 0.1 and rows["shapes"]["spread_x"] < 0.06, rows
+    assert rows["shapes"]["data_spread_x"] > 0.15

@@ -29,6 +29,7 @@ class PretrainConfig:
     judge_steps: int = 2500  # the judge's optimizer steps
     vae_from: str = ""  # reuse this pretrained folder's VAE (or a VAE folder) and skip the VAE phase
     init_from: str = ""  # start from this pretrained model (UNet, text encoder and VAE): fine-tune it, no VAE phase
+    placed_only: bool = False  # draw the world without unplaced shapes (the `shapes` model's world)
     batch_size: int = 32
     lr: float = 5e-4  # UNet and text encoder (AdamW, cosine decay to 10 %)
     vae_lr: float = 1e-3

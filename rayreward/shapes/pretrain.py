@@ -10,9 +10,10 @@ CLIPTokenizer, DDIMScheduler), small enough to train on a CPU, trained in two ph
    (DDPM noise, scaled-linear betas as in SD), the caption dropped 10 % of the time so that
    classifier-free guidance works.
 
-`--init-from DIR` starts phase 2 from an earlier model (its UNet, text encoder and VAE) instead of
-random weights: how the shipped model learnt the world's unplaced captions without training from
-scratch again. Its pretrain.json then holds the earlier run's under "init_from".
+`--placed-only` draws the world without unplaced shapes (every caption says where its shapes
+stand), the world the built-in `shapes` model was trained on. `--init-from DIR` starts phase 2 from an earlier model (its UNet, text encoder and VAE) instead of
+random weights: how the built-in `shapes-layout` model learnt the unplaced captions, from
+`shapes`, without training from scratch again. Its pretrain.json then holds the earlier run's under "init_from".
 
 Every batch is drawn fresh from the world (seed = step * batch + i), so there is no dataset on
 disk and no epoch; `--workers N` draws batches in N processes ahead of the trainer (on a GPU the
@@ -75,15 +76,16 @@ def batch_seeds(step: int, size: int, seed: int) -> range:
     return range(base, base + size)
 
 
-def batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Images in [-1, 1] (size, 3, 64, 64) and their captions, from scene seeds of this step."""
-    x, scenes = scene_batch(step, size, seed)
+def batch(step: int, size: int, seed: int, unplaced: bool = True) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (size, 3, 64, 64) and their captions, from scene seeds of this step
+    (`unplaced=False`: the world without unplaced shapes)."""
+    x, scenes = scene_batch(step, size, seed, unplaced)
     return x, [s.caption for s in scenes]
 
 
-def scene_batch(step: int, size: int, seed: int) -> tuple[torch.Tensor, list]:
+def scene_batch(step: int, size: int, seed: int, unplaced: bool = True) -> tuple[torch.Tensor, list]:
     """`batch` with the scenes themselves (where each shape stands) instead of their captions."""
-    scenes = [shapes.scene(i) for i in batch_seeds(step, size, seed)]
+    scenes = [shapes.scene(i, unplaced=unplaced) for i in batch_seeds(step, size, seed)]
     return images(scenes), scenes
 
 
@@ -99,14 +101,14 @@ class _Batches(torch.utils.data.Dataset):
     """Batch `i` of a phase: images, scenes, and the captions' token ids when given a tokenizer,
     so that a DataLoader's worker processes can draw and tokenize them ahead."""
 
-    def __init__(self, steps: int, size: int, seed: int, tok=None):
-        self.steps, self.size, self.seed, self.tok = steps, size, seed, tok
+    def __init__(self, steps: int, size: int, seed: int, tok=None, unplaced: bool = True):
+        self.steps, self.size, self.seed, self.tok, self.unplaced = steps, size, seed, tok, unplaced
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int):
-        x, scenes = scene_batch(step, self.size, self.seed)
+        x, scenes = scene_batch(step, self.size, self.seed, self.unplaced)
         return x, scenes, None if self.tok is None else token_ids(self.tok, [s.caption for s in scenes])
 
 
@@ -115,10 +117,10 @@ def token_ids(tok, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def batches(steps: int, size: int, seed: int, workers: int, tok=None):
+def batches(steps: int, size: int, seed: int, workers: int, tok=None, unplaced: bool = True):
     """The phase's (images, scenes, token ids or None) in step order: drawn here, or by
     `workers` processes (the same batches)."""
-    data = _Batches(steps, size, seed, tok)
+    data = _Batches(steps, size, seed, tok, unplaced)
     if workers < 1:
         return (data[step] for step in range(steps))
     return iter(torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, prefetch_factor=4,
@@ -148,7 +150,8 @@ def train_vae(vae, cfg: PretrainConfig, log: list[dict]) -> None:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
     with progress(cfg.vae_steps, "vae") as bar:
-        for step, (x, _, _) in enumerate(batches(cfg.vae_steps, cfg.batch_size, cfg.seed + 1, cfg.workers)):
+        for step, (x, _, _) in enumerate(batches(cfg.vae_steps, cfg.batch_size, cfg.seed + 1, cfg.workers,
+                                                                 unplaced=not cfg.placed_only)):
             x = x.to(cfg.device)
             with _autocast(cfg.device):
                 post = vae.encode(x).latent_dist
@@ -170,7 +173,7 @@ def train_vae(vae, cfg: PretrainConfig, log: list[dict]) -> None:
 @torch.no_grad()
 def latent_scale(vae, cfg: PretrainConfig) -> float:
     """1 / std of the latents, as SD's scaling_factor: the UNet then sees unit-variance latents."""
-    x, _ = batch(0, 256, cfg.seed + 2)
+    x, _ = batch(0, 256, cfg.seed + 2, not cfg.placed_only)
     return float(1 / vae.encode(x.to(cfg.device)).latent_dist.mean.std())
 
 
@@ -190,7 +193,8 @@ def train_unet(pipe, cfg: PretrainConfig, log: list[dict]) -> None:
     scale = vae.config.scaling_factor
     empty = token_ids(tok, [""])
     with progress(cfg.unet_steps, "unet") as bar:
-        for step, (x, _, ids) in enumerate(batches(cfg.unet_steps, cfg.batch_size, cfg.seed, cfg.workers, tok)):
+        for step, (x, _, ids) in enumerate(batches(cfg.unet_steps, cfg.batch_size, cfg.seed, cfg.workers, tok,
+                                                                   not cfg.placed_only)):
             drop = torch.rand(len(ids), generator=g) < 0.1
             ids = torch.where(drop[:, None], empty, ids).to(cfg.device)
             with torch.no_grad():

@@ -63,13 +63,14 @@ class Scene:
         return caption(self)
 
 
-def scene(seed: int, max_shapes: int = 3) -> Scene:
+def scene(seed: int, max_shapes: int = 3, unplaced: bool = True) -> Scene:
     """The scene of `seed` (deterministic): one shape in half the scenes, else two or three in
     separate columns. A single shape is "in the centre" 70 % of the time (offset by up to 6 % of
     the side, so not exactly centred), else on the left or right; then, half of the time, it is
     made unplaced: moved anywhere in `UNPLACED_BOX` (uniform), its place dropped from the caption
     and, every other time, its size too. (The unplaced draw comes after every other draw, so the
-    placed scenes are those of the world before unplaced captions existed.)"""
+    placed scenes are those of the world before unplaced captions existed; `unplaced=False` gives
+    that world, the one the `shapes` model was trained on.)"""
     rng = random.Random(seed)
     n = 1 if rng.random() < 0.5 or max_shapes == 1 else rng.randint(2, max_shapes)
     if n == 1:
@@ -84,7 +85,7 @@ def scene(seed: int, max_shapes: int = 3) -> Scene:
         shapes.append(Shape(rng.choice(KINDS), rng.choice(list(COLOURS)), rng.choice(list(SIZES)) if n == 1 else "small",
                             place, rng.uniform(-jitter, jitter), rng.uniform(-jitter, jitter)))
     background = rng.choice(list(BACKGROUNDS))
-    if n == 1 and rng.random() < 0.5:
+    if unplaced and n == 1 and rng.random() < 0.5:
         bx, by = UNPLACED_BOX
         shapes = [replace(shapes[0], place="anywhere", dx=rng.uniform(-bx, bx), dy=rng.uniform(-by, by),
                           size_said=rng.random() < 0.5)]
@@ -184,9 +185,10 @@ def draw(s: Scene, side: int = 64):
     return img.resize((side, side), Image.LANCZOS)
 
 
-def prompts(count: int, start: int = HELD_OUT) -> list[str]:
-    """Captions of scenes from a seed range that pretraining never draws (held-out prompts)."""
-    return [scene(seed).caption for seed in range(start, start + count)]
+def prompts(count: int, start: int = HELD_OUT, unplaced: bool = True) -> list[str]:
+    """Captions of scenes from a seed range that pretraining never draws (held-out prompts);
+    `unplaced=False`: of the world without unplaced shapes (builtin:shapes and _heldout)."""
+    return [scene(seed, unplaced=unplaced).caption for seed in range(start, start + count)]
 
 
 def unplaced_prompts(count: int, start: int = HELD_OUT, exclude: tuple[str, ...] | list[str] = ()) -> list[str]:
