@@ -1,6 +1,9 @@
-"""experiments/shapes/compare.py end to end, shortened (--quick: 1 seed, a few steps at T = 4):
-both sweeps through Ray Tune, the held-out evaluation, the gradient norms and every output file."""
+"""experiments/shapes/compare.py: the layout study end to end, shortened (--quick: 1 seed, a few
+steps at T = 4): its three Ray Tune sweeps, the held-out evaluation, the gradient norms and every
+output file; and both studies' sweep files, rescaled to other chain lengths, checked without
+running."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,39 +12,77 @@ import pandas as pd
 import pytest
 from helpers import ROOT
 
+METHODS = ["drtune", "draft", "draft_1", "draft_k3", "draft_lv", "refl", "alignprop"]
 
-@pytest.mark.slow  # two Ray Tune sweeps of 10 short trials, the evaluation and the gradient norms
-def test_the_comparison_runs_from_one_command(tmp_path):
+
+def compare_module():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "experiments/shapes/compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow  # three Ray Tune sweeps of 16 short trials, the evaluation and the gradient norms
+def test_the_layout_study_runs_from_one_command(tmp_path):
     out, runs = tmp_path / "docs", tmp_path / "runs"
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--quick", "--out", str(out),
-                           "--runs", str(runs)], capture_output=True, text=True, timeout=1500)
+    cmd = [sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring", "--quick",
+           "--out", str(out), "--runs", str(runs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for f in ("table.csv", "table.md", "trials.csv", "curves.png", "grad_norm.png", "grid.png", "findings.json"):
+    for f in ("table.csv", "table.md", "trials.csv", "curves.png", "grad_norm.png", "grid.png", "findings.json",
+              "km.md"):
         assert (out / f).is_file(), f
+    for budget in ("equal_calls", "equal_time", "drtune_km"):  # the sweep files that ran, beside their runs
+        assert "sampling.num_steps=4" in (runs / f"{budget}.yaml").read_text()
     table = pd.read_csv(out / "table.csv")
-    methods = ["drtune", "draft", "draft_1", "draft_k2", "draft_lv", "refl", "alignprop"]
-    assert sorted(table[table["budget"] == "equal_steps"]["method"]) == sorted(methods)
-    assert sorted(table[table["budget"] == "equal_calls"]["method"]) == sorted(methods)
+    for budget in ("equal_calls", "equal_time"):
+        assert sorted(table[table["budget"] == budget]["method"]) == sorted(METHODS), budget
     calls = table[table["budget"] == "equal_calls"].set_index("method")
-    # --quick: 8 calls a sample for the methods that run to the budget; a full chain of T = 4 makes 4 a step
+    # --quick: 8 calls a sample; a full chain of T = 4 makes 4 a step, an early-stopped one fewer
+    assert (calls.loc[["draft", "draft_1", "draft_k3", "alignprop"], "unet_calls"] == 2 * 4).all()
     for m in ("drtune", "draft_lv", "refl"):
         assert 8 <= calls.loc[m, "unet_calls"] < 8 + 6, m
-    assert (calls.loc[["draft", "draft_1", "draft_k2", "alignprop"], "unet_calls"] == 2 * 4).all()
-    for col in ("symmetry_distance", "alignment_all_labels", "alignment_logp", "final_reward", "saved_mb"):
-        assert table[table["method"] != "base"][col].notna().all(), col
+    timed = table[table["budget"] == "equal_time"].set_index("method")  # 1 s each, or the 6-step cap
+    assert ((timed["train_seconds"] >= 1) | (timed["steps"] == 6)).all(), timed[["train_seconds", "steps"]]
+    assert len(table[table["budget"] == "drtune_km"]) == 2
+    evaluated = table[table["budget"].isin(["equal_calls", "equal_time"])]
+    for col in ("heldout", "symmetry_distance", "alignment_all_labels", "alignment_logp", "layout_spread",
+                "diversity_pixel", "final_reward", "saved_mb"):
+        assert evaluated[col].notna().all(), col
+    assert (evaluated["heldout"] <= 0).all()  # -distance from the centre
     info = json.loads((out / "findings.json").read_text())
+    assert info["study"] == "centring" and info["T"] == 4
     ks = {(r["method"], r["k"]) for r in info["grad_norm"]}
     assert ks == {("draft_k", 1), ("draft_k", 2), ("drtune", 1), ("drtune", 2)}
     assert all(r["grad_norm"] > 0 for r in info["grad_norm"])
+    assert "equal_calls_drtune_minus_best_shallow_heldout" in info["findings"]
     # run again: the finished sweeps are not run again, the tables are rewritten
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--quick", "--out", str(out),
-                           "--runs", str(runs)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and proc.stdout.count("done already") == 2, proc.stdout[-2000:]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and proc.stdout.count("done already") == 3, proc.stdout[-2000:]
+
+
+def test_the_sweeps_scale_with_the_chain_length(tmp_path):
+    """--T rescales DRTune's m, the ReFL window and the budgets (fractions of the chain); both
+    studies' files load at their own T and at others."""
+    c = compare_module()
+    by_budget = dict(c.sweeps(c.STUDIES["centring"], 50, False, tmp_path / "runs", []))
+    methods = by_budget["equal_calls"].search["method"]["grid"]
+    assert {"name": "drtune", "k": 3, "early_stop_m": 20} in methods  # m = 0.4 T
+    assert {"name": "refl", "refl_window": [1, 13]} in methods  # the last quarter
+    assert by_budget["equal_calls"].base["train"]["max_unet_calls"] == 500  # 10 full chains
+    assert by_budget["equal_time"].base["train"]["max_seconds"] == 75
+    assert by_budget["equal_calls"].base["sampling"]["num_steps"] == 50
+    assert by_budget["equal_calls"].search["train.seed"]["grid"] == [0, 1, 2]
+    own = dict(c.sweeps(c.STUDIES["symmetry"], 10, False, tmp_path / "runs", []))
+    assert len(own["equal_steps"].search["method"]["grid"]) == 7 and own["equal_steps"].base["train"]["steps"] == 40
+    assert {"name": "drtune", "k": 2, "early_stop_m": 4} in own["equal_steps"].search["method"]["grid"]
+    assert not (tmp_path / "runs").exists()  # checking writes nothing
 
 
 def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--set", "lora.rank=-1",
-                           "--out", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs")],
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring",
+                           "--set", "lora.rank=-1", "--out", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "lora.rank: -1 is not allowed" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()

@@ -1,34 +1,53 @@
-"""The methods' comparison on the built-in shapes model, from one command:
+"""The methods' comparisons on the built-in shapes model, each from one command:
 
-    python experiments/shapes/compare.py                 # 35.6 minutes on 2 CPU cores
-    python experiments/shapes/compare.py --quick         # the whole pipeline in a few minutes (tests)
+    python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (about an hour, 2 CPU cores)
+    python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50
+    python experiments/shapes/compare.py                           # the symmetry study, T = 10
+    python experiments/shapes/compare.py --study centring --quick  # the whole pipeline in minutes (tests)
 
-1. Trains: `equal_steps.yaml` (every method, 3 seeds, 40 steps) and `equal_calls.yaml` (the methods
-   whose steps do not cost a full chain, until 400 UNet calls per sample) as Ray Tune sweeps, so
-   the same files run on a cluster (`rayreward tune --config ...`). A sweep cut short resumes when
-   the command is run again; a finished one is not run again.
-2. Evaluates the base model and every trial's LoRA on the 24 held-out captions
-   (`builtin:shapes_heldout`) x 2 seeds: the symmetry reward, the symmetry distance in grey levels
-   (mean |image - its mirror image| on the saved 8-bit pictures), and prompt alignment read by the
-   shipped judge (the share of pictures whose seven labels all match their caption, and the
-   `shapes_alignment` reward).
+Two studies, each a folder of Ray Tune sweep files (so the same files run on a cluster with
+`rayreward tune --config ...`):
+
+- `symmetry` (experiments/shapes/*.yaml): the symmetry reward, a colour-level reward the last
+  steps control, on every caption of the world; equal optimizer steps and equal UNet calls.
+- `centring` (experiments/shapes/centring/*.yaml): the centring reward, which only moving the
+  shape raises, on captions that leave the place unsaid (the model picks it from its initial
+  noise, in the first steps of the chain); equal UNet calls, equal wall time, and DRTune's K and m
+  swept. `--T` rescales what depends on the chain length: DRTune's m and the ReFL window
+  (fractions of T), the call and time budgets (the same number of full chains).
+
+The command:
+
+1. Trains every sweep of the study. The sweep files it runs are written beside their runs
+   (RUNS/BUDGET.yaml, with the chain length applied). A sweep cut short resumes when the
+   command is run again; a finished one is not run again.
+2. Evaluates the base model and every trial's LoRA on held-out captions: the study's reward, the
+   symmetry distance in grey levels (mean |image - its mirror image| on the saved 8-bit
+   pictures), prompt alignment read by the shipped judge (the share of pictures whose seven
+   labels all match their caption, and the `shapes_alignment` reward), and diversity across seeds
+   (the spread of the shape's centre, and the RMS pixel distance between pictures).
 3. Measures, at the base model, the LoRA gradient norm against K: DRaFT-K (full backprop through
    the last K steps) and DRTune (K steps with sg(x_t) inputs, no early stop), 4 batches each; and
    the bytes autograd saves for one step of each method (checkpointing off).
-4. Writes to --out (default docs/shapes): table.csv / table.md (one row per method and budget,
-   mean ± std over seeds), curves.png (reward against steps and against UNet calls), grad_norm.png,
-   grid.png (held-out captions; base and each method), findings.json, and prints the table.
+4. Writes to --out: table.csv / table.md (one row per method and budget, mean ± std over seeds),
+   curves.png (reward against steps, UNet calls or seconds), grad_norm.png, grid.png (held-out
+   captions; base and each method), km.md (DRTune's K and m, when swept), findings.json, and
+   prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -39,42 +58,140 @@ from rayreward.shapes import judge as judge_mod  # noqa: E402
 from rayreward import render, tune  # noqa: E402
 from rayreward.config import LoraArg  # noqa: E402
 
-ORDER = ["drtune", "draft", "draft_1", "draft_k2", "draft_lv", "refl", "alignprop"]
-NAMES = {"drtune": "DRTune (K=2)", "draft": "DRaFT (all 10)", "draft_1": "DRaFT-1", "draft_k2": "DRaFT-K (K=2)",
-         "draft_lv": "DRaFT-LV (n=2)", "refl": "ReFL", "alignprop": "AlignProp", "base": "base model"}
-FULL_CHAIN = ("draft", "draft_1", "draft_k2", "alignprop")  # T calls every step: equal calls = equal steps
+ORDER = ["drtune", "draft", "draft_1", "draft_k2", "draft_k3", "draft_lv", "refl", "alignprop"]
+FULL_CHAIN = ("draft", "draft_1", "draft_k2", "draft_k3", "alignprop")  # T calls every step
 
 
-def label(method: dict) -> str:
+@dataclass(frozen=True)
+class Study:
+    folder: Path  # its sweep files and base.yaml
+    budgets: tuple[str, ...]  # the sweep files it runs, in order
+    evaluated: tuple[str, ...]  # the budgets compared on held-out captions (the others: train reward only)
+    reward: str  # the trained reward
+    heldout: str  # the held-out prompt set
+    prompts: int  # how many of its captions are evaluated
+    seeds: tuple[int, ...]  # with these seeds each
+    T: int  # the chain length its files are written for
+    out: str  # default --out, under the repository
+    reuse: dict = field(default_factory=dict)  # budget -> the budget whose full-chain trials it shares
+
+
+STUDIES = {
+    "symmetry": Study(HERE, ("equal_steps", "equal_calls"), ("equal_steps", "equal_calls"), "symmetry",
+                      "builtin:shapes_heldout", 24, (0, 1), 10, "docs/shapes", {"equal_calls": "equal_steps"}),
+    "centring": Study(HERE / "centring", ("equal_calls", "equal_time", "drtune_km"), ("equal_calls", "equal_time"),
+                      "centring", "builtin:shapes_unplaced_heldout", 8, (0, 1, 2, 3), 20, "docs/shapes/centring"),
+}
+X_AXIS = {"equal_steps": ("step", "optimizer step"), "equal_calls": ("unet_calls_total", "UNet calls per sample"),
+          "equal_time": ("train_seconds_total", "training seconds"), "drtune_km": ("unet_calls_total", "UNet calls")}
+TITLES = {"equal_steps": "equal steps", "equal_calls": "equal UNet calls", "equal_time": "equal wall time"}
+
+
+def label(method: dict, budget: str = "") -> str:
     name = method["name"]
+    if budget == "drtune_km":
+        return f"drtune_k{method['k']}_m{method['early_stop_m']}"
     if name == "draft_k":
         return "draft_1" if method["k"] == 1 else f"draft_k{method['k']}"
     return name
 
 
+def display(method: dict, T: int) -> str:
+    """A method's name in tables and plots, with the settings that tell its variants apart."""
+    name = method["name"]
+    if name == "drtune":
+        return f"DRTune (K={method['k']}, m={method['early_stop_m']})"
+    if name == "draft":
+        return f"DRaFT (all {T})"
+    if name == "draft_k":
+        return "DRaFT-1" if method["k"] == 1 else f"DRaFT-K (K={method['k']})"
+    if name == "draft_lv":
+        return f"DRaFT-LV (n={method['lv_copies']})"
+    if name == "refl":
+        return f"ReFL (t in {list(method['refl_window'])})"
+    return {"alignprop": "AlignProp"}.get(name, name)
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Training: the two sweeps.
+# 1. Training: the study's sweeps, rescaled to the chain length.
 
 
-def sweeps(quick: bool, runs: Path, sets: list[str]) -> list:
-    out = []
-    for name in ("equal_steps", "equal_calls"):
-        quick_sets = [f"train.steps={2 if name == 'equal_steps' else 6}", "sampling.num_steps=4",
-                      "train.max_unet_calls=" + ("0" if name == "equal_steps" else "8")] if quick else []
-        sweep = tune.load_sweep(HERE / f"{name}.yaml", quick_sets + list(sets))
-        sweep.output_dir = str(runs / name)
-        if quick:
-            sweep.search["train.seed"] = {"grid": [0]}
-            for m in sweep.search["method"]["grid"]:
-                if m["name"] == "drtune":
-                    m["early_stop_m"] = 2
-        out.append((name, sweep))
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)  # halves up (round() rounds them to even)
+
+
+def scaled(data: dict, factor: float, T: int) -> dict:
+    """A sweep file's data for a chain of T steps, `factor` times its own: DRTune's m and the ReFL
+    window scale with T (fractions of the chain), and so do the call and time budgets (the same
+    number of full chains)."""
+    out = dict(data)
+    sets = []
+    for s in data.get("set") or []:
+        key, _, value = s.partition("=")
+        if key in ("train.max_unet_calls", "train.max_seconds"):
+            value = str(_round(float(value) * factor)) if key == "train.max_unet_calls" else f"{float(value) * factor:g}"
+        sets.append(f"{key}={value}")
+    out["set"] = sets + [f"sampling.num_steps={T}"]
+    methods = []
+    for m in (data.get("search") or {}).get("method", []):
+        m = dict(m)
+        if "early_stop_m" in m:
+            m["early_stop_m"] = min(T, max(1, _round(m["early_stop_m"] * factor)))
+        if "refl_window" in m:
+            lo, hi = m["refl_window"]
+            m["refl_window"] = [1 + _round((lo - 1) * factor), min(T, max(1, _round(hi * factor)))]  # 1: the last step
+        if m.get("name") in ("draft_k", "drtune") and "k" in m:
+            m["k"] = min(T, m["k"])
+        methods.append(m)
+    if methods:
+        out["search"] = {**data["search"], "method": methods}
     return out
 
 
-def train_all(quick: bool, runs: Path, sets: list[str]) -> dict[str, float]:
+def quick_data(data: dict, budget: str) -> dict:
+    """--quick: 2 steps (or 6, up to 8 calls or 1 second), 1 seed, two of DRTune's K/m settings."""
+    out = dict(data)
+    calls = budget in ("equal_calls", "drtune_km")
+    out["set"] = [s for s in out["set"] if not s.startswith(("train.max_unet_calls", "train.max_seconds", "train.steps"))]
+    out["set"] += [f"train.steps={6 if budget != 'equal_steps' else 2}",
+                   f"train.max_unet_calls={8 if calls else 0}", f"train.max_seconds={1 if budget == 'equal_time' else 0}"]
+    search = dict(out["search"])
+    search["train.seed"] = [0]
+    if budget == "drtune_km":
+        search["method"] = search["method"][:2]
+    out["search"] = search
+    return out
+
+
+def sweep_files(study: Study, T: int, quick: bool, runs: Path, sets: list[str], folder: Path) -> list:
+    """(budget, SweepConfig) of each sweep, its file written into `folder` (checked there)."""
+    out = []
+    for budget in study.budgets:
+        data = yaml.safe_load((study.folder / f"{budget}.yaml").read_text())
+        data["base"] = str((study.folder / data["base"]).resolve())
+        data = scaled(data, T / study.T, T)
+        if quick:
+            data = quick_data(data, budget)
+        data["set"] += list(sets)
+        data["output_dir"] = str((runs / budget).resolve())
+        path = folder / f"{budget}.yaml"
+        path.write_text("# written by experiments/shapes/compare.py from "
+                        f"{(study.folder / f'{budget}.yaml').relative_to(ROOT)} at T = {T}"
+                        f"{' (--quick)' if quick else ''}\n" + yaml.safe_dump(data, sort_keys=False))
+        out.append((budget, tune.load_sweep(path)))
+    return out
+
+
+def sweeps(study: Study, T: int, quick: bool, runs: Path, sets: list[str]) -> list:
+    """Every sweep checked (a ConfigError names the bad value) without writing anything."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return sweep_files(study, T, quick, runs, sets, Path(tmp))
+
+
+def train_all(study: Study, T: int, quick: bool, runs: Path, sets: list[str]) -> dict[str, float]:
     seconds = {}
-    for name, sweep in sweeps(quick, runs, sets):
+    runs.mkdir(parents=True, exist_ok=True)
+    for name, sweep in sweep_files(study, T, quick, runs, sets, runs):
         if (Path(sweep.output_dir) / "results.csv").is_file():
             print(f"[compare] {name}: done already ({sweep.output_dir}/results.csv)", flush=True)
             continue
@@ -85,20 +202,21 @@ def train_all(quick: bool, runs: Path, sets: list[str]) -> dict[str, float]:
     return seconds
 
 
-def trials(runs: Path):
+def trials(study: Study, runs: Path):
     """One record per trial: its budget, method label, seed, metrics (a DataFrame) and folder."""
     import pandas as pd
 
     recs = []
-    for budget in ("equal_steps", "equal_calls"):
+    for budget in study.budgets:
         for _, row in pd.read_csv(runs / budget / "results.csv").iterrows():
             folder = Path(row["trial_dir"])
             cfg = config_mod.load(folder / "config.yaml")
             m = pd.read_csv(folder / "metrics.csv")
-            recs.append({"budget": budget, "method": label(vars(cfg.method)), "seed": cfg.train.seed,
-                         "folder": folder, "metrics": m, "cfg": cfg})
-    # a full-chain method's equal-calls run is its equal-steps run (the same config)
-    recs += [{**r, "budget": "equal_calls"} for r in recs if r["budget"] == "equal_steps" and r["method"] in FULL_CHAIN]
+            recs.append({"budget": budget, "method": label(vars(cfg.method), budget), "seed": cfg.train.seed,
+                         "folder": folder, "metrics": m, "cfg": cfg,
+                         "name": display(vars(cfg.method), cfg.sampling.num_steps)})
+    for to, src in study.reuse.items():  # a full-chain method's equal-calls run is its equal-steps run
+        recs += [{**r, "budget": to} for r in recs if r["budget"] == src and r["method"] in FULL_CHAIN]
     return recs
 
 
@@ -106,28 +224,35 @@ def trials(runs: Path):
 # 2. Held-out evaluation.
 
 
-def evaluate(recs, base_cfg, prompts, seeds, out: Path) -> dict[str, dict]:
-    """{variant: metrics} for the base model and each trial; variant = budget/method/seed."""
+def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[dict[str, dict], dict, dict]:
+    """{variant: metrics} for the base model and each evaluated trial; variant = budget/method/seed."""
     from rayreward import evaluation
     from rayreward.rewards import build_reward
+    from rayreward.rewards.lowlevel import centre_of_mass
 
-    unique = {f"{r['budget']}/{r['method']}/s{r['seed']}": r for r in recs if r["folder"].joinpath("lora").is_dir()}
+    unique = {f"{r['budget']}/{r['method']}/s{r['seed']}": r for r in recs
+              if r["budget"] in study.evaluated and r["folder"].joinpath("lora").is_dir()}
     seen, loras = {}, []
-    for key, r in unique.items():  # a trial shared by both budgets is rendered once
+    for key, r in unique.items():  # a trial shared by two budgets is rendered once
         if str(r["folder"]) not in seen:
             seen[str(r["folder"])] = key
             loras.append(LoraArg(name=key.replace("/", "-"), path=str(r["folder"] / "lora")))
     images = evaluation.render_variants(base_cfg, loras, prompts, seeds, out / "eval", torch.device("cpu"))
     pairs = [p for p in prompts for _ in seeds]
-    sym, judge = build_reward("symmetry"), judge_mod.load()
+    reward, judge = build_reward(study.reward), judge_mod.load()
+    div = evaluation.diversity(images, prompts, seeds)
+    k = len(seeds)
     scores = {}
     for name, x in images.items():
         with torch.no_grad():
             part, whole = judge_mod.agreement(judge, x, pairs)
-            scores[name] = {"heldout_symmetry": float(sym(x, pairs).mean()),
+            centres = centre_of_mass(x).view(len(prompts), k, 2)
+            scores[name] = {f"heldout_{study.reward}": float(reward(x, pairs).mean()),
                             "symmetry_distance": float((x - x.flip(-1)).abs().mean() * 255),
                             "alignment_all_labels": float(whole.mean()), "alignment_labels": float(part.mean()),
-                            "alignment_logp": float(judge_mod.alignment(judge, x, pairs).mean())}
+                            "alignment_logp": float(judge_mod.alignment(judge, x, pairs).mean()),
+                            "layout_spread": float(centres.std(dim=1).norm(dim=-1).mean()),
+                            "diversity_pixel": float(div[div.variant == name]["diversity_pixel"].mean())}
     result = {"base": scores["base"]}
     for key, r in unique.items():
         result[key] = scores[seen[str(r["folder"])].replace("/", "-")]
@@ -192,88 +317,110 @@ def smooth(y, n: int = 5):
     return np.array([y[max(0, i - n + 1):i + 1].mean() for i in range(len(y))])
 
 
-def table(recs, evals, mem) -> tuple:
+COLS = ["final_reward", "heldout", "symmetry_distance", "alignment_all_labels", "alignment_logp", "layout_spread",
+        "diversity_pixel", "steps", "unet_calls", "train_seconds"]
+
+
+def table(study: Study, recs, evals, mem) -> tuple:
     import pandas as pd
 
     rows = []
     for r in recs:
         m = r["metrics"]
         key = f"{r['budget']}/{r['method']}/s{r['seed']}"
-        rows.append({"budget": r["budget"], "method": r["method"], "seed": r["seed"], "steps": len(m),
-                     "final_reward": float(m["reward_mean"].tail(5).mean()),
+        ev = {("heldout" if k == f"heldout_{study.reward}" else k): v for k, v in evals.get(key, {}).items()}
+        rows.append({"budget": r["budget"], "method": r["method"], "name": r["name"], "seed": r["seed"],
+                     "steps": len(m), "final_reward": float(m["reward_mean"].tail(5).mean()),
                      "unet_calls": int(m["unet_calls_total"].iloc[-1]),
-                     "train_seconds": float(m["s_step"].sum()), **evals.get(key, {})})
+                     "train_seconds": float(m["s_step"].sum()), **ev})
     df = pd.DataFrame(rows)
-    cols = ["final_reward", "heldout_symmetry", "symmetry_distance", "alignment_all_labels", "alignment_logp",
-            "steps", "unet_calls", "train_seconds"]
-    g = df.groupby(["budget", "method"])[cols]
+    for c in COLS:
+        if c not in df:
+            df[c] = float("nan")
+    g = df.groupby(["budget", "method"])[COLS]
     mean, std = g.mean(), g.std().fillna(0.0)
     out = []
     for (budget, method), row in mean.iterrows():
-        rec = {"budget": budget, "method": method, "seeds": int(g.size()[(budget, method)])}
-        for c in cols:
+        rec = {"budget": budget, "method": method, "name": df[(df.budget == budget) & (df.method == method)]["name"].iloc[0],
+               "seeds": int(g.size()[(budget, method)])}
+        for c in COLS:
             rec[c], rec[c + "_std"] = float(row[c]), float(std.loc[(budget, method), c])
         rec["saved_mb"] = mem.get(method)
         out.append(rec)
-    base = evals["base"]
-    out.append({"budget": "-", "method": "base", "seeds": 0, **{c: base.get(c) for c in cols}})
+    base = {("heldout" if k == f"heldout_{study.reward}" else k): v for k, v in evals["base"].items()}
+    out.append({"budget": "-", "method": "base", "name": "base model", "seeds": 0, **{c: base.get(c) for c in COLS}})
     res = pd.DataFrame(out)
-    res["order"] = res["method"].map(lambda s: ORDER.index(s) if s in ORDER else -1)
-    return res.sort_values(["budget", "order"]).drop(columns="order").reset_index(drop=True), df
+    res["order"] = res["method"].map(lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
+    res = res.sort_values(["budget", "order", "method"]).drop(columns="order").reset_index(drop=True)
+    return res, df
 
 
-def markdown(res) -> str:
+def markdown(study: Study, res) -> str:
     def pm(row, c, fmt):
-        v, s = row[c], row.get(c + "_std")
+        v, s = row.get(c), row.get(c + "_std")
         if v is None or v != v:
             return ""
         spread = f" ± {fmt.replace('+', '').format(s)}" if s is not None and s == s and row["seeds"] > 1 else ""
         return fmt.format(v) + spread
 
-    lines = ["| budget | method | final reward (train) | held-out symmetry distance (grey levels) | "
-             "alignment: all 7 labels | alignment log p | steps | UNet calls | train s | saved MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for _, r in res.iterrows():
+    lines = [f"| budget | method | {study.reward} (train, last 5 steps) | held-out {study.reward} | "
+             "symmetry distance (grey levels) | alignment: all 7 labels | alignment log p | layout spread | "
+             "pixel diversity | steps | UNet calls | train s | saved MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for _, r in res[res["budget"].isin(("-",) + study.evaluated)].iterrows():
         mem = r.get("saved_mb")
         lines.append(" | ".join([
-            f"| {r['budget']}", NAMES.get(r["method"], r["method"]), pm(r, "final_reward", "{:+.4f}"),
-            pm(r, "symmetry_distance", "{:.2f}"), pm(r, "alignment_all_labels", "{:.2f}"),
-            pm(r, "alignment_logp", "{:.2f}"), pm(r, "steps", "{:.0f}"), pm(r, "unet_calls", "{:.0f}"),
-            pm(r, "train_seconds", "{:.0f}"), "" if mem is None or mem != mem else f"{mem:.0f}"]) + " |")
+            f"| {TITLES.get(r['budget'], r['budget'])}", r["name"], pm(r, "final_reward", "{:+.4f}"),
+            pm(r, "heldout", "{:+.4f}"), pm(r, "symmetry_distance", "{:.2f}"), pm(r, "alignment_all_labels", "{:.2f}"),
+            pm(r, "alignment_logp", "{:.2f}"), pm(r, "layout_spread", "{:.3f}"), pm(r, "diversity_pixel", "{:.3f}"),
+            pm(r, "steps", "{:.0f}"), pm(r, "unet_calls", "{:.0f}"), pm(r, "train_seconds", "{:.0f}"),
+            "" if mem is None or mem != mem else f"{mem:.0f}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(recs, path: Path) -> None:
+def km_markdown(res) -> str:
+    """DRTune's K and m sweep: the train reward at the equal-calls budget."""
+    rows = res[res["budget"] == "drtune_km"]
+    lines = ["| DRTune | reward (train, last 5 steps) | steps | UNet calls | train s |", "|---|---:|---:|---:|---:|"]
+    for _, r in rows.iterrows():
+        lines.append(f"| {r['name']} | {r['final_reward']:+.4f} | {r['steps']:.0f} | {r['unet_calls']:.0f} | "
+                     f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(study: Study, recs, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, budget, x_col in ((axes[0], "equal_steps", "step"), (axes[1], "equal_calls", "unet_calls_total")):
+    budgets = list(study.evaluated)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        x_col, x_label = X_AXIS[budget]
         for i, meth in enumerate(ORDER):
-            runs = [r["metrics"] for r in recs if r["budget"] == budget and r["method"] == meth]
+            runs = [r for r in recs if r["budget"] == budget and r["method"] == meth]
             if not runs:
                 continue
-            xs = [np.asarray(m[x_col], dtype=float) + (1 if x_col == "step" else 0) for m in runs]
+            xs = [np.asarray(r["metrics"][x_col], dtype=float) + (1 if x_col == "step" else 0) for r in runs]
             grid = np.linspace(max(x[0] for x in xs), min(x[-1] for x in xs), 50)
-            ys = np.stack([np.interp(grid, x, smooth(m["reward_mean"])) for x, m in zip(xs, runs)])
-            ax.plot(grid, ys.mean(0), color=f"C{i}", label=NAMES[meth])
+            ys = np.stack([np.interp(grid, x, smooth(r["metrics"]["reward_mean"])) for x, r in zip(xs, runs)])
+            ax.plot(grid, ys.mean(0), color=f"C{i}", label=runs[0]["name"])
             if len(runs) > 1:
                 ax.fill_between(grid, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.12)
-        ax.set_xlabel("optimizer step" if x_col == "step" else "UNet calls per sample")
-        ax.set_ylabel("symmetry reward (train prompts, 5-step mean)")
-        ax.set_title("equal steps" if budget == "equal_steps" else "equal UNet calls")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"{study.reward} reward (train prompts, 5-step mean)")
+        ax.set_title(TITLES.get(budget, budget))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("shapes model, symmetry reward: mean over seeds (band: min..max)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"shapes model, {study.reward} reward: mean over seeds (band: min..max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_grad_norms(rows, path: Path) -> None:
+def plot_grad_norms(rows, path: Path, T: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +432,7 @@ def plot_grad_norms(rows, path: Path) -> None:
     for name, lab in (("draft_k", "full backprop (DRaFT-K)"), ("drtune", "stop-grad input (DRTune)")):
         d = df[df["method"] == name].groupby("k")["grad_norm"]
         ax.errorbar(d.mean().index, d.mean().values, yerr=d.std().fillna(0).values, marker="o", capsize=3, label=lab)
-    ax.set_xlabel("K (trained steps)")
+    ax.set_xlabel(f"K (trained steps of T = {T})")
     ax.set_ylabel("LoRA gradient norm at the base model")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -295,29 +442,37 @@ def plot_grad_norms(rows, path: Path) -> None:
     plt.close(fig)
 
 
-def save_grid(images, seen, recs, prompts, seeds, grid_prompts, path: Path) -> None:
+def save_grid(study: Study, images, seen, recs, prompts, seeds, grid_prompts, path: Path) -> None:
     cols, names = ["base"], ["base"]
+    budget = study.evaluated[0]
     for meth in ORDER:
-        r = next((r for r in recs if r["budget"] == "equal_steps" and r["method"] == meth and r["seed"] == 0), None)
+        r = next((r for r in recs if r["budget"] == budget and r["method"] == meth and r["seed"] == 0), None)
         if r is not None:
             cols.append(seen[str(r["folder"])].replace("/", "-"))
-            names.append(NAMES[meth])
-    idx = [prompts.index(p) * len(seeds) for p in grid_prompts]  # seed 0 of each prompt
+            names.append(r["name"])
+    idx = [prompts.index(p) * len(seeds) + j for p in grid_prompts for j in range(min(2, len(seeds)))]
+    labels = [f"{p} (seed {seeds[j]})" for p in grid_prompts for j in range(min(2, len(seeds)))]
     tiles = torch.stack([images[c][i] for i in idx for c in cols])
-    render.grid_image(tiles, len(idx), len(cols), list(grid_prompts), names).save(path)
+    render.grid_image(tiles, len(idx), len(cols), labels, names).save(path)
 
 
-def findings(res, recs) -> dict:
-    """The papers' claims as numbers from this run (docs/results/shapes.md summarises them)."""
+def findings(study: Study, res, recs, norms) -> dict:
+    """The papers' claims as numbers from this run (the README and docs/shapes/ summarise them)."""
     import numpy as np
 
     f = {}
-    steps = res[res["budget"] == "equal_steps"].set_index("method")
-    shallow = [m for m in ("draft_1", "draft_k2", "draft_lv", "refl") if m in steps.index]
-    if "drtune" in steps.index and shallow:
-        f["drtune_minus_best_shallow_final_reward"] = float(steps.loc["drtune", "final_reward"]
-                                                            - max(steps.loc[m, "final_reward"] for m in shallow))
-        f["best_shallow"] = max(shallow, key=lambda m: steps.loc[m, "final_reward"])
+    shallow_all = ("draft_1", "draft_k2", "draft_k3", "draft_lv", "refl")
+    for budget in study.evaluated:
+        b = res[res["budget"] == budget].set_index("method")
+        shallow = [m for m in shallow_all if m in b.index]
+        if "drtune" not in b.index or not shallow:
+            continue
+        for col in ("final_reward", "heldout"):
+            best = max(shallow, key=lambda m: b.loc[m, col])
+            f[f"{budget}_drtune_minus_best_shallow_{col}"] = float(b.loc["drtune", col] - b.loc[best, col])
+            f[f"{budget}_best_shallow_{col}"] = best
+        f[f"{budget}_rank_of_drtune_heldout"] = int((b.loc[[m for m in ORDER if m in b.index], "heldout"]
+                                                     > b.loc["drtune", "heldout"]).sum()) + 1
 
     def mean_curve(meth):
         runs = [r["metrics"] for r in recs if r["budget"] == "equal_calls" and r["method"] == meth]
@@ -329,59 +484,84 @@ def findings(res, recs) -> dict:
 
     lv, one = mean_curve("draft_lv"), mean_curve("draft_1")
     if lv is not None and one is not None:
-        start = float(np.mean([r["metrics"]["reward_mean"].iloc[0] for r in recs if r["method"] in ("draft_lv", "draft_1")]))
+        start = float(np.mean([r["metrics"]["reward_mean"].iloc[0] for r in recs
+                               if r["budget"] == "equal_calls" and r["method"] in ("draft_lv", "draft_1")]))
         target = start + 0.5 * (one[1][-1] - start)  # half of DRaFT-1's gain
         reach = lambda c: next((float(x) for x, y in zip(*c) if y >= target), None)  # noqa: E731
         f["reward_target_half_of_draft1_gain"] = target
         f["calls_to_target"] = {"draft_lv": reach(lv), "draft_1": reach(one)}
         if f["calls_to_target"]["draft_lv"] and f["calls_to_target"]["draft_1"]:
             f["draft_lv_over_draft1_calls"] = f["calls_to_target"]["draft_lv"] / f["calls_to_target"]["draft_1"]
+    for name in ("draft_k", "drtune"):
+        by_k = {}
+        for r in norms:
+            if r["method"] == name:
+                by_k.setdefault(r["k"], []).append(r["grad_norm"])
+        if len(by_k) > 1:
+            lo, hi = min(by_k), max(by_k)
+            f[f"grad_norm_{name}_k{hi}_over_k{lo}"] = float(np.mean(by_k[hi]) / np.mean(by_k[lo]))
     return f
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(ROOT / "docs" / "shapes"), help="tables and plots (default docs/shapes)")
-    ap.add_argument("--runs", default="runs/shapes", help="the sweeps' folders")
-    ap.add_argument("--quick", action="store_true", help="2 steps, 1 seed, T = 4: checks the pipeline (tests)")
+    ap.add_argument("--study", choices=sorted(STUDIES), default="symmetry",
+                    help="symmetry (colour-level, T = 10) or centring (layout, T = 20)")
+    ap.add_argument("--T", type=int, default=0, help="the chain length (default: the study's own)")
+    ap.add_argument("--out", default=None, help="tables and plots (default: docs/shapes for symmetry, "
+                                                "docs/shapes/centring/T<T> for centring)")
+    ap.add_argument("--runs", default=None, help="the sweeps' folders (default runs/shapes_<study>/T<T>)")
+    ap.add_argument("--quick", action="store_true", help="a few steps, 1 seed, T = 4: checks the pipeline (tests)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="an override on both sweeps' base config, e.g. sampling.num_steps=20")
+                    help="an override on every sweep's base config, e.g. optim.lr=0.0005")
     args = ap.parse_args(argv)
+    study = STUDIES[args.study]
+    T = 4 if args.quick else (args.T or study.T)
+    if T < 1:
+        print(f"compare.py: error: --T: {args.T} is not allowed; need an integer >= 1", file=sys.stderr)
+        return 2
+    default_out = study.out if args.study == "symmetry" else f"{study.out}/T{T}"
+    out = Path(args.out or ROOT / default_out)
+    runs = Path(args.runs or f"runs/shapes_{args.study}/T{T}")
     try:  # every sweep value and --set checked before Ray starts or anything is written
-        sweeps(args.quick, Path(args.runs), args.set)
+        sweeps(study, T, args.quick, runs, args.set)
     except config_mod.ConfigError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
-    out, runs = Path(args.out), Path(args.runs)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    sweep_seconds = train_all(args.quick, runs, args.set)
-    recs = trials(runs)
-    base_cfg = config_mod.from_dict(sweeps(args.quick, runs, args.set)[0][1].base)
-    prompts = config_mod.read_prompts("builtin:shapes_heldout", "prompts")
-    seeds = [0, 1]
-    if args.quick:
-        prompts = prompts[:4]
-    evals, images, seen = evaluate(recs, base_cfg, prompts, seeds, runs)
+    sweep_seconds = train_all(study, T, args.quick, runs, args.set)
+    recs = trials(study, runs)
+    base_cfg = config_mod.from_dict(sweeps(study, T, args.quick, runs, args.set)[0][1].base)
+    prompts = config_mod.read_prompts(study.heldout, "prompts")[:4 if args.quick else study.prompts]
+    seeds = list(study.seeds[:2] if args.quick else study.seeds)
+    evals, images, seen = evaluate(study, recs, base_cfg, prompts, seeds, runs)
     by_label = {}
     for r in recs:
-        by_label.setdefault(r["method"], vars(r["cfg"].method))
+        if r["budget"] in study.evaluated:
+            by_label.setdefault(r["method"], vars(r["cfg"].method))
     mem = saved_bytes(base_cfg, {k: by_label[k] for k in ORDER if k in by_label})
-    ks = [1, 2] if args.quick else [1, 2, 3, 5, 10]
+    ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
     norms = grad_norms(base_cfg, ks, 1 if args.quick else 4)
-    res, per_trial = table(recs, evals, mem)
+    res, per_trial = table(study, recs, evals, mem)
     res.to_csv(out / "table.csv", index=False)
     per_trial.to_csv(out / "trials.csv", index=False)
-    (out / "table.md").write_text(markdown(res))
-    plot_curves(recs, out / "curves.png")
-    plot_grad_norms(norms, out / "grad_norm.png")
+    (out / "table.md").write_text(markdown(study, res))
+    if "drtune_km" in study.budgets:
+        (out / "km.md").write_text(km_markdown(res))
+    plot_curves(study, recs, out / "curves.png")
+    plot_grad_norms(norms, out / "grad_norm.png", T)
     grid_prompts = [p for p in base_cfg.grid.prompts if p in prompts] or prompts[:2]
-    save_grid(images, seen, recs, prompts, seeds, grid_prompts, out / "grid.png")
-    info = {"findings": findings(res, recs), "grad_norm": norms, "sweep_seconds": sweep_seconds,
-            "total_seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads(),
-            "command": "python experiments/shapes/compare.py" + (" --quick" if args.quick else "")}
+    save_grid(study, images, seen, recs, prompts, seeds, grid_prompts, out / "grid.png")
+    command = f"python experiments/shapes/compare.py --study {args.study}" + (f" --T {T}" if args.T else "") \
+        + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set)
+    info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
+            "sweep_seconds": sweep_seconds, "total_seconds": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads(), "command": command}
     (out / "findings.json").write_text(json.dumps(info, indent=1))
-    print(markdown(res))
+    print(markdown(study, res))
+    if "drtune_km" in study.budgets:
+        print(km_markdown(res))
     print(json.dumps(info["findings"], indent=1))
     print(f"[compare] wrote {out}/table.md, table.csv, trials.csv, curves.png, grad_norm.png, grid.png, findings.json "
           f"in {info['total_seconds'] / 60:.1f} min", flush=True)
