@@ -132,14 +132,21 @@ def alignment(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> tor
 
 
 @torch.no_grad()
+def label_hits(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """(B, 7): whether the judge's argmax reads each of the caption's labels, in the caption's
+    reading that it reads best (an unplaced caption: the column holding the shape)."""
+    y, valid = targets(prompts, images.device)
+    hit = torch.stack([lg.argmax(dim=1)[:, None] == y[:, :, i] for i, lg in enumerate(judge(images))], dim=2).float()
+    best = hit.mean(dim=2).masked_fill(~valid, -1.0).argmax(dim=1)
+    return hit[torch.arange(len(best)), best]
+
+
+@torch.no_grad()
 def agreement(judge: Judge, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(fraction of the caption's labels the judge reads, all of them read), each (B,); an
     unplaced caption is read in its best column."""
-    y, valid = targets(prompts, images.device)
-    hit = torch.stack([lg.argmax(dim=1)[:, None] == y[:, :, i] for i, lg in enumerate(judge(images))], dim=2).float()
-    part = hit.mean(dim=2).masked_fill(~valid, -1.0).max(dim=1).values
-    whole = (hit.min(dim=2).values == 1).logical_and(valid).any(dim=1).float()
-    return part, whole
+    hit = label_hits(judge, images, prompts)
+    return hit.mean(dim=1), (hit.min(dim=1).values == 1).float()
 
 
 # ---------------------------------------------------------------------------------------------
