@@ -86,3 +86,17 @@ def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "lora.rank: -1 is not allowed" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()
+
+
+def test_the_gradient_norms_alone(tmp_path):
+    """--grad-norms-only measures the LoRA gradient norm against K at the base model and nothing
+    else: no sweep runs, nothing is trained."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring",
+                           "--quick", "--grad-norms-only", "--out", str(tmp_path / "docs"),
+                           "--runs", str(tmp_path / "runs")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((tmp_path / "docs" / "grad_norms.json").read_text())
+    assert {(r["method"], r["k"]) for r in info["grad_norm"]} == {("draft_k", 1), ("draft_k", 2), ("drtune", 1),
+                                                                    ("drtune", 2)}
+    assert all(r["grad_norm"] > 0 for r in info["grad_norm"]) and "grad_norm_draft_k_k2_over_k1" in info["findings"]
+    assert (tmp_path / "docs" / "grad_norm.png").is_file() and not (tmp_path / "runs").exists()

@@ -120,10 +120,23 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5)  # halves up (round() rounds them to even)
 
 
+def scaled_method(m: dict, factor: float, T: int) -> dict:
+    """A method's settings for a chain `factor` times as long, T steps."""
+    m = dict(m)
+    if "early_stop_m" in m:
+        m["early_stop_m"] = min(T, max(1, _round(m["early_stop_m"] * factor)))
+    if "refl_window" in m:
+        lo, hi = m["refl_window"]
+        m["refl_window"] = [1 + _round((lo - 1) * factor), min(T, max(1, _round(hi * factor)))]  # 1: the last step
+    if m.get("name") in ("draft_k", "drtune") and "k" in m:
+        m["k"] = min(T, m["k"])
+    return m
+
+
 def scaled(data: dict, factor: float, T: int) -> dict:
     """A sweep file's data for a chain of T steps, `factor` times its own: DRTune's m and the ReFL
     window scale with T (fractions of the chain), and so do the call and time budgets (the same
-    number of full chains)."""
+    number of full chains). The base config's method too."""
     out = dict(data)
     sets = []
     for s in data.get("set") or []:
@@ -131,18 +144,11 @@ def scaled(data: dict, factor: float, T: int) -> dict:
         if key in ("train.max_unet_calls", "train.max_seconds"):
             value = str(_round(float(value) * factor)) if key == "train.max_unet_calls" else f"{float(value) * factor:g}"
         sets.append(f"{key}={value}")
-    out["set"] = sets + [f"sampling.num_steps={T}"]
-    methods = []
-    for m in (data.get("search") or {}).get("method", []):
-        m = dict(m)
-        if "early_stop_m" in m:
-            m["early_stop_m"] = min(T, max(1, _round(m["early_stop_m"] * factor)))
-        if "refl_window" in m:
-            lo, hi = m["refl_window"]
-            m["refl_window"] = [1 + _round((lo - 1) * factor), min(T, max(1, _round(hi * factor)))]  # 1: the last step
-        if m.get("name") in ("draft_k", "drtune") and "k" in m:
-            m["k"] = min(T, m["k"])
-        methods.append(m)
+    base_method = (yaml.safe_load(Path(data["base"]).read_text()) or {}).get("method") or {}
+    out["set"] = sets + [f"sampling.num_steps={T}"] + [
+        f"method.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+        for k, v in scaled_method(base_method, factor, T).items() if k != "name" and v != base_method.get(k)]
+    methods = [scaled_method(m, factor, T) for m in (data.get("search") or {}).get("method", [])]
     if methods:
         out["search"] = {**data["search"], "method": methods}
     return out
@@ -462,7 +468,7 @@ def findings(study: Study, res, recs, norms) -> dict:
 
     f = {}
     shallow_all = ("draft_1", "draft_k2", "draft_k3", "draft_lv", "refl")
-    for budget in study.evaluated:
+    for budget in study.evaluated if res is not None else ():
         b = res[res["budget"] == budget].set_index("method")
         shallow = [m for m in shallow_all if m in b.index]
         if "drtune" not in b.index or not shallow:
@@ -512,6 +518,9 @@ def main(argv=None) -> int:
                                                 "docs/shapes/centring/T<T> for centring)")
     ap.add_argument("--runs", default=None, help="the sweeps' folders (default runs/shapes_<study>/T<T>)")
     ap.add_argument("--quick", action="store_true", help="a few steps, 1 seed, T = 4: checks the pipeline (tests)")
+    ap.add_argument("--grad-norms-only", action="store_true",
+                    help="only step 3's gradient norms against K at the base model (minutes, not hours): "
+                         "grad_norm.png and grad_norms.json in --out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override on every sweep's base config, e.g. optim.lr=0.0005")
     args = ap.parse_args(argv)
@@ -530,6 +539,17 @@ def main(argv=None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
+    if args.grad_norms_only:
+        base_cfg = config_mod.from_dict(sweeps(study, T, args.quick, runs, args.set)[0][1].base)
+        norms = grad_norms(base_cfg, ks, 1 if args.quick else 4)
+        plot_grad_norms(norms, out / "grad_norm.png", T)
+        info = {"study": args.study, "T": T, "grad_norm": norms, "findings": findings(study, None, [], norms),
+                "seconds": round(time.time() - t0, 1),
+                "command": f"python experiments/shapes/compare.py --study {args.study} --T {T} --grad-norms-only"}
+        (out / "grad_norms.json").write_text(json.dumps(info, indent=1))
+        print(json.dumps(info["findings"], indent=1))
+        return 0
     sweep_seconds = train_all(study, T, args.quick, runs, args.set)
     recs = trials(study, runs)
     base_cfg = config_mod.from_dict(sweeps(study, T, args.quick, runs, args.set)[0][1].base)
@@ -541,7 +561,6 @@ def main(argv=None) -> int:
         if r["budget"] in study.evaluated:
             by_label.setdefault(r["method"], vars(r["cfg"].method))
     mem = saved_bytes(base_cfg, {k: by_label[k] for k in ORDER if k in by_label})
-    ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
     norms = grad_norms(base_cfg, ks, 1 if args.quick else 4)
     res, per_trial = table(study, recs, evals, mem)
     res.to_csv(out / "table.csv", index=False)
