@@ -163,6 +163,15 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
                        max_concurrent=mc)
 
 
+def budget_spent(train: dict, search: dict, last: dict) -> bool:
+    """Whether a trial's last report shows it ended on train.max_unet_calls or train.max_seconds
+    (its own value when the sweep searches it), not stopped early."""
+    calls = int(search.get("train.max_unet_calls", train.get("max_unet_calls", 0)) or 0)
+    seconds = float(search.get("train.max_seconds", train.get("max_seconds", 0)) or 0)
+    return ((calls > 0 and (last.get("unet_calls_total") or 0) >= calls)
+            or (seconds > 0 and (last.get("train_seconds_total") or 0) >= seconds))
+
+
 def trial_config(base: dict, assignment: dict[str, Any], output_dir: str, name: str) -> config_mod.Config:
     """The training config of one trial: the base with the sampled values, in its own folder."""
     data = copy.deepcopy(base)
@@ -294,8 +303,10 @@ def trial_progress(expected: int, metric: str, mode: str):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.running.discard(trial.trial_id)
-            if trial.last_result.get("training_iteration", 0) < trial.config["base"]["train"]["steps"]:
-                self.stopped += 1  # ASHA ended it (a trial that ran all its steps reported each one)
+            last, cfg = trial.last_result, trial.config
+            if (last.get("training_iteration", 0) < cfg["base"]["train"]["steps"]
+                    and not budget_spent(cfg["base"]["train"], cfg.get("search", {}), last)):
+                self.stopped += 1  # ASHA ended it (a trial that ran all its steps, or its budget, reported each one)
             self._ended()
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -429,10 +440,7 @@ def results_table(grid, sweep: SweepConfig):
         # than it reported (its own metrics.csv has them); the table keeps what the scheduler saw
         log = Path(row["trial_dir"]) / "metrics.csv"
         row["steps_trained"] = len(pd.read_csv(log)) if log.is_file() else 0
-        budget = int(cfg.get("search", {}).get("train.max_unet_calls", sweep.base["train"].get("max_unet_calls", 0)))
-        seconds = float(cfg.get("search", {}).get("train.max_seconds", sweep.base["train"].get("max_seconds", 0)))
-        spent = ((budget > 0 and (last.get("unet_calls_total") or 0) >= budget)  # ended on train.max_unet_calls
-                 or (seconds > 0 and (last.get("train_seconds_total") or 0) >= seconds))  # or train.max_seconds
+        spent = budget_spent(sweep.base["train"], cfg.get("search", {}), last)
         row["stopped_early"] = row["steps"] < int(sweep.base["train"]["steps"]) and not spent
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -166,3 +166,16 @@ def test_a_sweeps_trials_are_grouped_in_its_trackers(tmp_path, monkeypatch):
     assert log["wandb_mode"] == "offline"
     plain = rtune.load_sweep(write_sweep(tmp_path))
     assert rtune.tracked_base(plain, tmp_path / "sweep")["log"]["trackers"] == []
+
+
+def test_a_trial_that_spent_its_budget_was_not_stopped_early():
+    """A trial that ended on train.max_unet_calls or train.max_seconds (the sweep's, or its own
+    searched value) is not counted as stopped by the scheduler."""
+    from rayreward.tune import budget_spent
+
+    train = {"steps": 100, "max_unet_calls": 200, "max_seconds": 0}
+    assert budget_spent(train, {}, {"unet_calls_total": 204}) and not budget_spent(train, {}, {"unet_calls_total": 150})
+    assert not budget_spent(train, {"train.max_unet_calls": 400}, {"unet_calls_total": 204})
+    timed = {"steps": 100, "max_unet_calls": 0, "max_seconds": 30.0}
+    assert budget_spent(timed, {}, {"train_seconds_total": 31.2}) and not budget_spent(timed, {}, {"train_seconds_total": 12})
+    assert not budget_spent({"steps": 100}, {}, {"unet_calls_total": 10**6, "train_seconds_total": 10**6})
