@@ -80,7 +80,7 @@ STUDIES = {
     "symmetry": Study(HERE, ("equal_steps", "equal_calls"), ("equal_steps", "equal_calls"), "symmetry",
                       "builtin:shapes_heldout", 24, (0, 1), 10, "docs/shapes", {"equal_calls": "equal_steps"}),
     "centring": Study(HERE / "centring", ("equal_calls", "equal_time", "drtune_km"), ("equal_calls", "equal_time"),
-                      "centring", "builtin:shapes_unplaced_heldout", 8, (0, 1, 2, 3), 20, "docs/shapes/centring"),
+                      "centring", "builtin:shapes_unplaced_heldout", 4, (0, 1, 2, 3), 20, "docs/shapes/centring"),
 }
 X_AXIS = {"equal_steps": ("step", "optimizer step"), "equal_calls": ("unet_calls_total", "UNet calls per sample"),
           "equal_time": ("train_seconds_total", "training seconds"), "drtune_km": ("unet_calls_total", "UNet calls")}
