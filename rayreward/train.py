@@ -403,7 +403,8 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) ->
             print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
             os._exit(1)
         # 3. one optimizer step, and the run's running totals in its row
-        row = tally.add(w.train_step(step), w.sync)
+        # the slowest worker's seconds only where a time budget needs every worker to agree (an all-reduce)
+        row = tally.add(w.train_step(step), w.sync if cfg.train.max_seconds > 0 else None)
         if step == resume.step and s_compile:
             row["s_compile"] = s_compile
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or finished(cfg, step + 1, tally.calls, tally.seconds)

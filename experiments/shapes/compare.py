@@ -253,7 +253,7 @@ def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[d
         with torch.no_grad():
             part, whole = judge_mod.agreement(judge, x, pairs)
             centres = centre_of_mass(x).view(len(prompts), k, 2)
-            scores[name] = {f"heldout_{study.reward}": float(reward(x, pairs).mean()),
+            scores[name] = {"heldout": float(reward(x, pairs).mean()),  # the study's reward
                             "symmetry_distance": float((x - x.flip(-1)).abs().mean() * 255),
                             "alignment_all_labels": float(whole.mean()), "alignment_labels": float(part.mean()),
                             "alignment_logp": float(judge_mod.alignment(judge, x, pairs).mean()),
@@ -334,11 +334,10 @@ def table(study: Study, recs, evals, mem) -> tuple:
     for r in recs:
         m = r["metrics"]
         key = f"{r['budget']}/{r['method']}/s{r['seed']}"
-        ev = {("heldout" if k == f"heldout_{study.reward}" else k): v for k, v in evals.get(key, {}).items()}
         rows.append({"budget": r["budget"], "method": r["method"], "name": r["name"], "seed": r["seed"],
                      "steps": len(m), "final_reward": float(m["reward_mean"].tail(5).mean()),
                      "unet_calls": int(m["unet_calls_total"].iloc[-1]),
-                     "train_seconds": float(m["s_step"].sum()), **ev})
+                     "train_seconds": float(m["s_step"].sum()), **evals.get(key, {})})
     df = pd.DataFrame(rows)
     for c in COLS:
         if c not in df:
@@ -353,7 +352,7 @@ def table(study: Study, recs, evals, mem) -> tuple:
             rec[c], rec[c + "_std"] = float(row[c]), float(std.loc[(budget, method), c])
         rec["saved_mb"] = mem.get(method)
         out.append(rec)
-    base = {("heldout" if k == f"heldout_{study.reward}" else k): v for k, v in evals["base"].items()}
+    base = evals["base"]
     out.append({"budget": "-", "method": "base", "name": "base model", "seeds": 0, **{c: base.get(c) for c in COLS}})
     res = pd.DataFrame(out)
     res["order"] = res["method"].map(lambda s: ORDER.index(s) if s in ORDER else len(ORDER))
@@ -533,7 +532,7 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / default_out)
     runs = Path(args.runs or f"runs/shapes_{args.study}/T{T}")
     try:  # every sweep value and --set checked before Ray starts or anything is written
-        sweeps(study, T, args.quick, runs, args.set)
+        checked = sweeps(study, T, args.quick, runs, args.set)
     except config_mod.ConfigError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
@@ -541,7 +540,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
     if args.grad_norms_only:
-        base_cfg = config_mod.from_dict(sweeps(study, T, args.quick, runs, args.set)[0][1].base)
+        base_cfg = config_mod.from_dict(checked[0][1].base)
         norms = grad_norms(base_cfg, ks, 1 if args.quick else 4)
         plot_grad_norms(norms, out / "grad_norm.png", T)
         info = {"study": args.study, "T": T, "grad_norm": norms, "findings": findings(study, None, [], norms),
@@ -552,7 +551,7 @@ def main(argv=None) -> int:
         return 0
     sweep_seconds = train_all(study, T, args.quick, runs, args.set)
     recs = trials(study, runs)
-    base_cfg = config_mod.from_dict(sweeps(study, T, args.quick, runs, args.set)[0][1].base)
+    base_cfg = config_mod.from_dict(checked[0][1].base)
     prompts = config_mod.read_prompts(study.heldout, "prompts")[:4 if args.quick else study.prompts]
     seeds = list(study.seeds[:2] if args.quick else study.seeds)
     evals, images, seen = evaluate(study, recs, base_cfg, prompts, seeds, runs)
