@@ -4,6 +4,7 @@ output file; and both studies' sweep files, rescaled to other chain lengths, che
 running."""
 
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def compare_module():
     return mod
 
 
-@pytest.mark.slow  # three Ray Tune sweeps of 16 short trials, the evaluation and the gradient norms
+@pytest.mark.slow  # three Ray Tune sweeps of 11 short trials, the evaluation and the gradient norms
 def test_the_layout_study_runs_from_one_command(tmp_path):
     out, runs = tmp_path / "docs", tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring", "--quick",
@@ -36,8 +37,8 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     for budget in ("equal_calls", "equal_time", "drtune_km"):  # the sweep files that ran, beside their runs
         assert "sampling.num_steps=4" in (runs / f"{budget}.yaml").read_text()
     table = pd.read_csv(out / "table.csv")
-    for budget in ("equal_calls", "equal_time"):
-        assert sorted(table[table["budget"] == budget]["method"]) == sorted(METHODS), budget
+    assert sorted(table[table["budget"] == "equal_calls"]["method"]) == sorted(METHODS)
+    assert sorted(table[table["budget"] == "equal_time"]["method"]) == ["draft_1", "drtune"]  # --quick: two
     calls = table[table["budget"] == "equal_calls"].set_index("method")
     # --quick: 8 calls a sample; a full chain of T = 4 makes 4 a step, an early-stopped one fewer
     assert (calls.loc[["draft", "draft_1", "draft_k3", "alignprop"], "unet_calls"] == 2 * 4).all()
@@ -57,9 +58,17 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     assert ks == {("draft_k", 1), ("draft_k", 2), ("drtune", 1), ("drtune", 2)}
     assert all(r["grad_norm"] > 0 for r in info["grad_norm"])
     assert "equal_calls_drtune_minus_best_shallow_heldout" in info["findings"]
-    # run again: the finished sweeps are not run again, the tables are rewritten
+    before = (out / "table.csv").read_text()
+    # run again: the finished sweeps are not run again, nor is a picture rendered again; the tables
+    # are rewritten, the same
+    (out / "table.csv").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.count("done already") == 3, proc.stdout[-2000:]
+    assert "evaluation: the pictures of 10 variants from" in proc.stdout, proc.stdout[-2000:]
+    assert "eval: rendering" not in proc.stdout + proc.stderr
+    again = pd.read_csv(out / "table.csv")
+    cols = ["heldout", "alignment_logp", "layout_spread", "final_reward"]
+    assert again[cols].equals(pd.read_csv(io.StringIO(before))[cols])
 
 
 def test_the_sweeps_scale_with_the_chain_length(tmp_path):
@@ -80,11 +89,30 @@ def test_the_sweeps_scale_with_the_chain_length(tmp_path):
     assert not (tmp_path / "runs").exists()  # checking writes nothing
 
 
-def test_a_bad_override_is_refused_before_anything_runs(tmp_path):
+def test_a_subset_of_the_study_runs_its_own_sweeps_in_its_own_folders(tmp_path):
+    """--budgets and --methods cut the study: the T = 50 question of DRaFT-LV against DRaFT-1 is
+    two methods at equal calls, not the whole study."""
+    c = compare_module()
+    study, problem = c.subset(c.STUDIES["centring"], "equal_calls", "draft_1,draft_lv")
+    assert not problem and study.budgets == ("equal_calls",) and study.evaluated == ("equal_calls",)
+    [(budget, sweep)] = c.sweeps(study, 50, False, tmp_path / "runs", [])
+    assert budget == "equal_calls" and sweep.search["train.seed"]["grid"] == [0, 1, 2]
+    assert sweep.search["method"]["grid"] == [{"name": "draft_k", "k": 1}, {"name": "draft_lv", "lv_copies": 2}]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--set", "lora.rank=-1"], "lora.rank: -1 is not allowed"),
+    (["--methods", "draft,dpo"], "--methods: dpo is not allowed; need labels among drtune,"),
+    (["--budgets", "equal_steps"], "--budgets: equal_steps is not allowed; the study's sweeps are equal_calls,"),
+    (["--budgets", "drtune_km"], "--budgets: drtune_km has none of the sweeps compared on held-out captions"),
+    (["--methods", "drtune_k1_m8", "--budgets", "equal_calls"], "--methods: drtune_k1_m8 runs in none of the sweeps"),
+])
+def test_a_bad_option_is_refused_before_anything_runs(tmp_path, args, said):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring",
-                           "--set", "lora.rank=-1", "--out", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs")],
+                           *args, "--out", str(tmp_path / "docs"), "--runs", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "lora.rank: -1 is not allowed" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists() and not (tmp_path / "docs").exists()
 
 

@@ -43,7 +43,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -74,6 +74,7 @@ class Study:
     T: int  # the chain length its files are written for
     out: str  # default --out, under the repository
     reuse: dict = field(default_factory=dict)  # budget -> the budget whose full-chain trials it shares
+    methods: tuple[str, ...] = ()  # only these method labels (--methods); empty: every method
 
 
 STUDIES = {
@@ -146,7 +147,7 @@ def scaled(data: dict, factor: float, T: int) -> dict:
         sets.append(f"{key}={value}")
     base_method = (yaml.safe_load(Path(data["base"]).read_text()) or {}).get("method") or {}
     out["set"] = sets + [f"sampling.num_steps={T}"] + [
-        f"method.{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+        f"method.{k}={json.dumps(v)}"
         for k, v in scaled_method(base_method, factor, T).items() if k != "name" and v != base_method.get(k)]
     methods = [scaled_method(m, factor, T) for m in (data.get("search") or {}).get("method", [])]
     if methods:
@@ -154,8 +155,12 @@ def scaled(data: dict, factor: float, T: int) -> dict:
     return out
 
 
+QUICK_TIMED = ("drtune", "draft_1")  # --quick's equal-time sweep: a DRTune trial and a full-chain one
+
+
 def quick_data(data: dict, budget: str) -> dict:
-    """--quick: 2 steps (or 6, up to 8 calls or 1 second), 1 seed, two of DRTune's K/m settings."""
+    """--quick: 2 steps (or 6, up to 8 calls or 1 second), 1 seed, two of DRTune's K/m settings and
+    two methods at equal time (each trial costs Ray start-up, not training)."""
     out = dict(data)
     calls = budget in ("equal_calls", "drtune_km")
     out["set"] = [s for s in out["set"] if not s.startswith(("train.max_unet_calls", "train.max_seconds", "train.steps"))]
@@ -165,6 +170,8 @@ def quick_data(data: dict, budget: str) -> dict:
     search["train.seed"] = [0]
     if budget == "drtune_km":
         search["method"] = search["method"][:2]
+    if budget == "equal_time":
+        search["method"] = [m for m in search["method"] if label(m) in QUICK_TIMED]
     out["search"] = search
     return out
 
@@ -178,6 +185,11 @@ def sweep_files(study: Study, T: int, quick: bool, runs: Path, sets: list[str], 
         data = scaled(data, T / study.T, T)
         if quick:
             data = quick_data(data, budget)
+        if study.methods:
+            kept = [m for m in data["search"]["method"] if label(m, budget) in study.methods]
+            if not kept:
+                continue
+            data["search"] = {**data["search"], "method": kept}
         data["set"] += list(sets)
         data["output_dir"] = str((runs / budget).resolve())
         path = folder / f"{budget}.yaml"
@@ -243,7 +255,7 @@ def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[d
         if str(r["folder"]) not in seen:
             seen[str(r["folder"])] = key
             loras.append(LoraArg(name=key.replace("/", "-"), path=str(r["folder"] / "lora")))
-    images = evaluation.render_variants(base_cfg, loras, prompts, seeds, out / "eval", torch.device("cpu"))
+    images = rendered(base_cfg, loras, prompts, seeds, out / "eval")
     pairs = [p for p in prompts for _ in seeds]
     reward, judge = build_reward(study.reward), judge_mod.load()
     div = evaluation.diversity(images, prompts, seeds)
@@ -263,6 +275,33 @@ def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[d
     for key, r in unique.items():
         result[key] = scores[seen[str(r["folder"])].replace("/", "-")]
     return result, images, seen
+
+
+def rendered(base_cfg, loras, prompts, seeds, out: Path) -> dict[str, torch.Tensor]:
+    """The evaluation's pictures: rendered once, kept in out/rendered.safetensors with what made
+    them (model, sampling, captions, seeds, each LoRA's files and their times). Running the
+    command again after the sweeps finished rewrites the tables without rendering again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rayreward import evaluation
+
+    def stamp(folder: str) -> list:
+        return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).iterdir() if f.is_file())
+
+    key = json.dumps({"model": base_cfg.model.name, "resolution": base_cfg.model.resolution,
+                      "sampling": vars(base_cfg.sampling), "prompts": list(prompts), "seeds": list(seeds),
+                      "loras": [[a.name, a.path, a.scale, stamp(a.path)] for a in loras]}, sort_keys=True, default=str)
+    cache = out / "rendered.safetensors"
+    if cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                print(f"[compare] evaluation: the pictures of {len(loras) + 1} variants from {cache}", flush=True)
+                return {name: f.get_tensor(name) for name in f.keys()}
+    images = evaluation.render_variants(base_cfg, loras, prompts, seeds, out, torch.device("cpu"))
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in images.items()}, str(cache), metadata={"key": key})
+    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,6 +547,25 @@ def findings(study: Study, res, recs, norms) -> dict:
     return f
 
 
+def subset(study: Study, budgets: str, methods: str) -> tuple[Study, str]:
+    """The study cut to --budgets and --methods, or the problem with them."""
+    names = [b for b in budgets.split(",") if b]
+    bad = [b for b in names if b not in study.budgets]
+    if bad:
+        return study, f"--budgets: {','.join(bad)} is not allowed; the study's sweeps are {','.join(study.budgets)}"
+    labels = tuple(m for m in methods.split(",") if m)
+    known = set(ORDER) | {"drtune_k", "draft_k"}
+    bad = [m for m in labels if m not in known and not m.startswith("drtune_k")]
+    if bad:
+        return study, f"--methods: {','.join(bad)} is not allowed; need labels among {','.join(ORDER)}"
+    kept = tuple(b for b in study.budgets if not names or b in names)
+    if not set(kept) & set(study.evaluated):
+        return study, (f"--budgets: {budgets} has none of the sweeps compared on held-out captions; add one of "
+                       f"{','.join(study.evaluated)}")
+    return replace(study, budgets=kept, evaluated=tuple(b for b in study.evaluated if b in kept),
+                   reuse={k: v for k, v in study.reuse.items() if k in kept and v in kept}, methods=labels), ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--study", choices=sorted(STUDIES), default="symmetry",
@@ -522,20 +580,35 @@ def main(argv=None) -> int:
                          "grad_norm.png and grad_norms.json in --out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override on every sweep's base config, e.g. optim.lr=0.0005")
+    ap.add_argument("--budgets", default="", metavar="B,B", help="only these sweeps of the study (e.g. equal_calls)")
+    ap.add_argument("--methods", default="", metavar="M,M",
+                    help="only these methods (labels as in table.csv: drtune, draft, draft_1, draft_k3, draft_lv, "
+                         "refl, alignprop); the default folders get the list as a suffix")
     args = ap.parse_args(argv)
     study = STUDIES[args.study]
     T = 4 if args.quick else (args.T or study.T)
     if T < 1:
         print(f"compare.py: error: --T: {args.T} is not allowed; need an integer >= 1", file=sys.stderr)
         return 2
-    default_out = study.out if args.study == "symmetry" else f"{study.out}/T{T}"
+    study, problem = subset(study, args.budgets, args.methods)
+    if problem:
+        print(f"compare.py: error: {problem}", file=sys.stderr)
+        return 2
+    suffix = "-" + "+".join(study.methods) if study.methods else ""
+    default_out = (study.out if args.study == "symmetry" else f"{study.out}/T{T}") + suffix
     out = Path(args.out or ROOT / default_out)
-    runs = Path(args.runs or f"runs/shapes_{args.study}/T{T}")
+    runs = Path(args.runs or f"runs/shapes_{args.study}/T{T}{suffix}")
     try:  # every sweep value and --set checked before Ray starts or anything is written
         checked = sweeps(study, T, args.quick, runs, args.set)
     except config_mod.ConfigError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
+    ran = tuple(b for b, _ in checked)  # --methods may leave a sweep with no trial
+    if not set(ran) & set(study.evaluated):
+        print(f"compare.py: error: --methods: {args.methods} runs in none of the sweeps compared on held-out "
+              f"captions ({','.join(study.evaluated)})", file=sys.stderr)
+        return 2
+    study = replace(study, budgets=ran, evaluated=tuple(b for b in study.evaluated if b in ran))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
@@ -569,10 +642,10 @@ def main(argv=None) -> int:
         (out / "km.md").write_text(km_markdown(res))
     plot_curves(study, recs, out / "curves.png")
     plot_grad_norms(norms, out / "grad_norm.png", T)
-    grid_prompts = [p for p in base_cfg.grid.prompts if p in prompts] or prompts[:2]
-    save_grid(study, images, seen, recs, prompts, seeds, grid_prompts, out / "grid.png")
+    save_grid(study, images, seen, recs, prompts, seeds, prompts, out / "grid.png")
     command = f"python experiments/shapes/compare.py --study {args.study}" + (f" --T {T}" if args.T else "") \
-        + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set)
+        + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set) \
+        + (f" --budgets {args.budgets}" if args.budgets else "") + (f" --methods {args.methods}" if args.methods else "")
     info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
             "sweep_seconds": sweep_seconds, "total_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "command": command}
