@@ -107,6 +107,7 @@ def test_a_subset_of_the_study_runs_its_own_sweeps_in_its_own_folders(tmp_path):
     (["--budgets", "equal_steps"], "--budgets: equal_steps is not allowed; the study's sweeps are equal_calls,"),
     (["--budgets", "drtune_km"], "--budgets: drtune_km has none of the sweeps compared on held-out captions"),
     (["--methods", "drtune_k1_m8", "--budgets", "equal_calls"], "--methods: drtune_k1_m8 runs in none of the sweeps"),
+    (["--reward", "nosuch"], "rewards[0].name: 'nosuch' is unknown; allowed: aesthetic,"),
 ])
 def test_a_bad_option_is_refused_before_anything_runs(tmp_path, args, said):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring",

@@ -580,6 +580,10 @@ def main(argv=None) -> int:
                          "grad_norm.png and grad_norms.json in --out")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="an override on every sweep's base config, e.g. optim.lr=0.0005")
+    ap.add_argument("--reward", default="", metavar="NAME",
+                    help="train (and evaluate) this reward instead of the study's, e.g. symmetry on the layout "
+                         "study's model and captions: the colour-level control; the default folders get its name "
+                         "as a suffix")
     ap.add_argument("--budgets", default="", metavar="B,B", help="only these sweeps of the study (e.g. equal_calls)")
     ap.add_argument("--methods", default="", metavar="M,M",
                     help="only these methods (labels as in table.csv: drtune, draft, draft_1, draft_k3, draft_lv, "
@@ -594,12 +598,16 @@ def main(argv=None) -> int:
     if problem:
         print(f"compare.py: error: {problem}", file=sys.stderr)
         return 2
-    suffix = "-" + "+".join(study.methods) if study.methods else ""
+    sets = list(args.set)
+    if args.reward:
+        study = replace(study, reward=args.reward)
+        sets.append(f"rewards=[{{name: {args.reward}, weight: 1.0}}]")
+    suffix = ("-" + args.reward if args.reward else "") + ("-" + "+".join(study.methods) if study.methods else "")
     default_out = (study.out if args.study == "symmetry" else f"{study.out}/T{T}") + suffix
     out = Path(args.out or ROOT / default_out)
     runs = Path(args.runs or f"runs/shapes_{args.study}/T{T}{suffix}")
     try:  # every sweep value and --set checked before Ray starts or anything is written
-        checked = sweeps(study, T, args.quick, runs, args.set)
+        checked = sweeps(study, T, args.quick, runs, sets)
     except config_mod.ConfigError as e:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
@@ -622,7 +630,7 @@ def main(argv=None) -> int:
         (out / "grad_norms.json").write_text(json.dumps(info, indent=1))
         print(json.dumps(info["findings"], indent=1))
         return 0
-    sweep_seconds = train_all(study, T, args.quick, runs, args.set)
+    sweep_seconds = train_all(study, T, args.quick, runs, sets)
     recs = trials(study, runs)
     base_cfg = config_mod.from_dict(checked[0][1].base)
     prompts = config_mod.read_prompts(study.heldout, "prompts")[:4 if args.quick else study.prompts]
@@ -645,7 +653,7 @@ def main(argv=None) -> int:
     save_grid(study, images, seen, recs, prompts, seeds, prompts, out / "grid.png")
     command = f"python experiments/shapes/compare.py --study {args.study}" + (f" --T {T}" if args.T else "") \
         + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set) \
-        + (f" --budgets {args.budgets}" if args.budgets else "") + (f" --methods {args.methods}" if args.methods else "")
+        + (f" --reward {args.reward}" if args.reward else "") + (f" --budgets {args.budgets}" if args.budgets else "") + (f" --methods {args.methods}" if args.methods else "")
     info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
             "sweep_seconds": sweep_seconds, "total_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "command": command}
