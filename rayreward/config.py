@@ -112,6 +112,10 @@ class TrainConfig:
     # stop after the step at which the run has trained this many seconds (the sum of s_step, the
     # slowest worker's; compile time and grids excluded; 0: no limit): an equal-wall-time budget
     max_seconds: float = 0.0
+    # also save the LoRA as it is after the step at which the run has trained this many seconds
+    # (the step train.max_seconds would stop on) into lora_at_seconds/, and go on (0: off): an
+    # equal-wall-time result read from a longer run, without a second run
+    lora_at_seconds: float = 0.0
     batch_size: int = 4  # prompts per step (per worker!)
     seed: int = 0  # seeds the noise, the step selection and the prompt order
     checkpoint_every: int = 10  # steps between checkpoints (the last step always checkpoints)
@@ -407,6 +411,8 @@ def validate(cfg: Config, training: bool = True) -> list[str]:
         p.append(f"train.max_unet_calls: {t.max_unet_calls} is not allowed; need an integer >= 0 (0: no limit)")
     if not 0 <= t.max_seconds < math.inf:
         p.append(f"train.max_seconds: {t.max_seconds} is not allowed; need a finite number >= 0 (0: no limit)")
+    if not 0 <= t.lora_at_seconds < math.inf:
+        p.append(f"train.lora_at_seconds: {t.lora_at_seconds} is not allowed; need a finite number >= 0 (0: off)")
     if t.max_failures < -1:
         p.append(f"train.max_failures: {t.max_failures} is not allowed; need >= 0, or -1 for unlimited")
     rs = cfg.reward_server

@@ -74,12 +74,13 @@ class RunOutputs:
         self.trackers.log_grid(label, path, means, step=step)
         return means
 
-    def lora(self, files: dict[str, bytes]) -> Path:
-        """The final LoRA folder (`lora/`), its files written whole (a temporary name, then a rename)."""
-        folder = self.out / "lora"
+    def lora(self, files: dict[str, bytes], name: str = "lora") -> Path:
+        """A LoRA folder (the final `lora/`, or `lora_at_seconds/`), its files written whole (a
+        temporary name, then a rename)."""
+        folder = self.out / name
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            fileio.write_bytes(folder / name, data)
+        for file, data in files.items():
+            fileio.write_bytes(folder / file, data)
         return folder
 
     def finish(self, row: dict, flavour: str = "sd") -> str:

@@ -11,6 +11,7 @@ and N workers x B samples compute what 1 worker x N*B samples does (docs/design.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -403,8 +404,11 @@ def _loop(cfg: config_mod.Config, w: Worker, resume: Resume, report, written) ->
             print(f"[rayreward] fault injection: worker 0 exits at step {step}", flush=True)
             os._exit(1)
         # 3. one optimizer step, and the run's running totals in its row
-        # the slowest worker's seconds only where a time budget needs every worker to agree (an all-reduce)
-        row = tally.add(w.train_step(step), w.sync if cfg.train.max_seconds > 0 else None)
+        # the slowest worker's seconds only where a time mark needs every worker to agree (an all-reduce)
+        before = tally.seconds
+        row = tally.add(w.train_step(step), w.sync if timed(cfg) else None)
+        if main and before < cfg.train.lora_at_seconds <= tally.seconds:
+            _lora_at_seconds(w, row, written)
         if step == resume.step and s_compile:
             row["s_compile"] = s_compile
         checkpoint_now = (step + 1) % cfg.train.checkpoint_every == 0 or finished(cfg, step + 1, tally.calls, tally.seconds)
@@ -489,6 +493,25 @@ def _finish(cfg: config_mod.Config, w: Worker, row: dict, resume: Resume, writte
     if change:
         print(f"[rayreward] grid ({len(grid_prompts) * len(cfg.grid.seeds)} images, the same prompts and seeds), "
               f"start -> end: {change}", flush=True)
+
+
+def timed(cfg: config_mod.Config) -> bool:
+    """Whether the run acts on its training seconds (train.max_seconds or train.lora_at_seconds):
+    then every worker counts the slowest worker's, so that all agree on the step."""
+    return cfg.train.max_seconds > 0 or cfg.train.lora_at_seconds > 0
+
+
+LORA_AT_SECONDS = "lora_at_seconds"  # the folder of train.lora_at_seconds's LoRA, with at.json
+
+
+def _lora_at_seconds(w: Worker, row: dict, written) -> None:
+    """Rank 0, after the step whose training seconds first reach train.lora_at_seconds: the LoRA
+    as it is now, and at.json (the step, UNet calls and seconds it has trained)."""
+    at = {"steps": int(row["step"]) + 1, "train_seconds_total": row["train_seconds_total"],
+          "unet_calls_total": row["unet_calls_total"], "lora_at_seconds": w.cfg.train.lora_at_seconds}
+    files = {**lora_files(w.c.denoiser, w.c.flavour), "at.json": json.dumps(at, indent=1).encode()}
+    folder = written.lora(files, LORA_AT_SECONDS)
+    print(f"[rayreward] LoRA at {at['train_seconds_total']:.1f} s of training (step {at['steps']}): {folder}", flush=True)
 
 
 def finished(cfg: config_mod.Config, steps_done: int, calls_done: int, seconds_done: float = 0.0) -> bool:

@@ -24,7 +24,7 @@ def compare_module():
     return mod
 
 
-@pytest.mark.slow  # three Ray Tune sweeps of 11 short trials, the evaluation and the gradient norms
+@pytest.mark.slow  # two Ray Tune sweeps of 9 short trials, the evaluation and the gradient norms
 def test_the_layout_study_runs_from_one_command(tmp_path):
     out, runs = tmp_path / "docs", tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring", "--quick",
@@ -34,18 +34,24 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     for f in ("table.csv", "table.md", "trials.csv", "curves.png", "grad_norm.png", "grid.png", "findings.json",
               "km.md"):
         assert (out / f).is_file(), f
-    for budget in ("equal_calls", "equal_time", "drtune_km"):  # the sweep files that ran, beside their runs
+    for budget in ("equal_calls", "drtune_km"):  # the sweep files that ran, beside their runs
         assert "sampling.num_steps=4" in (runs / f"{budget}.yaml").read_text()
+    # equal time is read from the equal-calls runs: each keeps its LoRA at the mark (1 s here)
+    assert "train.lora_at_seconds=1" in (runs / "equal_calls.yaml").read_text()
+    assert not (runs / "equal_time.yaml").exists()
     table = pd.read_csv(out / "table.csv")
-    assert sorted(table[table["budget"] == "equal_calls"]["method"]) == sorted(METHODS)
-    assert sorted(table[table["budget"] == "equal_time"]["method"]) == ["draft_1", "drtune"]  # --quick: two
+    for budget in ("equal_calls", "equal_time"):
+        assert sorted(table[table["budget"] == budget]["method"]) == sorted(METHODS), budget
     calls = table[table["budget"] == "equal_calls"].set_index("method")
     # --quick: 8 calls a sample; a full chain of T = 4 makes 4 a step, an early-stopped one fewer
     assert (calls.loc[["draft", "draft_1", "draft_k3", "alignprop"], "unet_calls"] == 2 * 4).all()
     for m in ("drtune", "draft_lv", "refl"):
         assert 8 <= calls.loc[m, "unet_calls"] < 8 + 6, m
-    timed = table[table["budget"] == "equal_time"].set_index("method")  # 1 s each, or the 6-step cap
-    assert ((timed["train_seconds"] >= 1) | (timed["steps"] == 6)).all(), timed[["train_seconds", "steps"]]
+    timed = table[table["budget"] == "equal_time"].set_index("method")  # cut where 1 s was reached
+    assert (timed["train_seconds"] >= 1).all() and (timed["steps"] <= calls["steps"]).all(), timed
+    kept = [json.loads((d / "lora_at_seconds" / "at.json").read_text())
+            for d in (runs / "equal_calls" / "trials").iterdir()]  # each run's LoRA at the mark
+    assert sorted(a["steps"] for a in kept) == sorted(timed["steps"]) and all(a["train_seconds_total"] >= 1 for a in kept)
     assert len(table[table["budget"] == "drtune_km"]) == 2
     evaluated = table[table["budget"].isin(["equal_calls", "equal_time"])]
     for col in ("heldout", "symmetry_distance", "alignment_all_labels", "alignment_logp", "layout_spread",
@@ -63,8 +69,8 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     # are rewritten, the same
     (out / "table.csv").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and proc.stdout.count("done already") == 3, proc.stdout[-2000:]
-    assert "evaluation: the pictures of 10 variants from" in proc.stdout, proc.stdout[-2000:]
+    assert proc.returncode == 0 and proc.stdout.count("done already") == 2, proc.stdout[-2000:]
+    assert "evaluation: the pictures of 15 variants from" in proc.stdout, proc.stdout[-2000:]
     assert "eval: rendering" not in proc.stdout + proc.stderr
     again = pd.read_csv(out / "table.csv")
     cols = ["heldout", "alignment_logp", "layout_spread", "final_reward"]
@@ -80,7 +86,8 @@ def test_the_sweeps_scale_with_the_chain_length(tmp_path):
     assert {"name": "drtune", "k": 3, "early_stop_m": 20} in methods  # m = 0.4 T
     assert {"name": "refl", "refl_window": [1, 13]} in methods  # the last quarter
     assert by_budget["equal_calls"].base["train"]["max_unet_calls"] == 500  # 10 full chains
-    assert by_budget["equal_time"].base["train"]["max_seconds"] == 75
+    assert "equal_time" not in by_budget  # read from the equal-calls runs at 75 s, the T = 20 mark x 2.5
+    assert by_budget["equal_calls"].base["train"]["lora_at_seconds"] == 75
     assert by_budget["equal_calls"].base["sampling"]["num_steps"] == 50
     assert by_budget["equal_calls"].search["train.seed"]["grid"] == [0, 1, 2]
     own = dict(c.sweeps(c.STUDIES["symmetry"], 10, False, tmp_path / "runs", []))
@@ -98,14 +105,19 @@ def test_a_subset_of_the_study_runs_its_own_sweeps_in_its_own_folders(tmp_path):
     [(budget, sweep)] = c.sweeps(study, 50, False, tmp_path / "runs", [])
     assert budget == "equal_calls" and sweep.search["train.seed"]["grid"] == [0, 1, 2]
     assert sweep.search["method"]["grid"] == [{"name": "draft_k", "k": 1}, {"name": "draft_lv", "lv_copies": 2}]
+    assert sweep.base["train"]["lora_at_seconds"] == 0  # equal time not asked for: no LoRA kept at a mark
+    study, _ = c.subset(c.STUDIES["centring"], "equal_time", "")  # equal time alone runs the equal-calls sweep
+    assert study.budgets == ("equal_calls",) and study.evaluated == ("equal_time",)
+    [(budget, sweep)] = c.sweeps(study, 20, False, tmp_path / "runs", [])
+    assert budget == "equal_calls" and sweep.base["train"]["lora_at_seconds"] == 30
     assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args, said", [
     (["--set", "lora.rank=-1"], "lora.rank: -1 is not allowed"),
     (["--methods", "draft,dpo"], "--methods: dpo is not allowed; need labels among drtune,"),
-    (["--budgets", "equal_steps"], "--budgets: equal_steps is not allowed; the study's sweeps are equal_calls,"),
-    (["--budgets", "drtune_km"], "--budgets: drtune_km has none of the sweeps compared on held-out captions"),
+    (["--budgets", "equal_steps"], "--budgets: equal_steps is not allowed; the study's budgets are equal_calls,"),
+    (["--budgets", "drtune_km"], "--budgets: drtune_km has none of the budgets compared on held-out captions"),
     (["--methods", "drtune_k1_m8", "--budgets", "equal_calls"], "--methods: drtune_k1_m8 runs in none of the sweeps"),
     (["--reward", "nosuch"], "rewards[0].name: 'nosuch' is unknown; allowed: aesthetic,"),
 ])

@@ -1,5 +1,6 @@
 """The training loop in-process (every method, both flavours) and through Ray Train (resume)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,29 @@ def test_a_time_budget_ends_the_run_and_survives_a_resume(tmp_path):
     assert len(more) >= 2 and totals[-1] >= spent * 1.5 > totals[-2]
     with pytest.raises(config.ConfigError, match=r"train.max_seconds: -1.0 is not allowed"):
         quick_cfg(tmp_path, "train.max_seconds=-1")
+
+
+def test_the_lora_at_a_time_mark_is_what_a_run_stopped_there_saves(tmp_path):
+    """train.lora_at_seconds: after the step whose training seconds reach the mark the LoRA is
+    saved into lora_at_seconds/ and the run goes on; those weights are the final LoRA of the same
+    run stopped by train.max_seconds at the same mark (a mark below one step's time: step 1)."""
+    from safetensors.torch import load_file
+
+    train.run_training(quick_cfg(tmp_path / "long", "train.steps=3", "train.lora_at_seconds=1e-6"))
+    log = rows(tmp_path / "long" / "metrics.csv")
+    at = json.loads((tmp_path / "long" / "lora_at_seconds" / "at.json").read_text())
+    assert len(log) == 3 and at["steps"] == 1  # saved once, after the first step, and trained on
+    assert at["train_seconds_total"] == pytest.approx(float(log[0]["train_seconds_total"]))
+    assert at["unet_calls_total"] == int(log[0]["unet_calls_total"])
+    train.run_training(quick_cfg(tmp_path / "short", "train.steps=3", "train.max_seconds=1e-6"))
+    assert len(rows(tmp_path / "short" / "metrics.csv")) == 1
+    snap = load_file(tmp_path / "long" / "lora_at_seconds" / lora_io.LORA_WEIGHT_NAME)
+    stopped = load_file(tmp_path / "short" / "lora" / lora_io.LORA_WEIGHT_NAME)
+    final = load_file(tmp_path / "long" / "lora" / lora_io.LORA_WEIGHT_NAME)
+    assert snap.keys() == stopped.keys() and all(torch.equal(snap[k], stopped[k]) for k in snap)
+    assert not all(torch.equal(snap[k], final[k]) for k in snap)  # the run went on training
+    with pytest.raises(config.ConfigError, match=r"train.lora_at_seconds: -2.0 is not allowed"):
+        quick_cfg(tmp_path, "train.lora_at_seconds=-2")
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sd3"])  # a DDIM chain and a flow-matching one

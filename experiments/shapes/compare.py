@@ -14,11 +14,16 @@ Two studies, each a folder of Ray Tune sweep files (so the same files run on a c
   shape raises, on captions that leave the place unsaid (the model picks it from its initial
   noise, in the first steps of the chain); equal UNet calls, equal wall time, and DRTune's K and m
   swept. `--T` rescales what depends on the chain length: DRTune's m and the ReFL window
-  (fractions of T), the call and time budgets (the same number of full chains).
+  (fractions of T), the call and time budgets (the same number of full chains). Equal wall time
+  is read from the equal-calls runs, which also keep their LoRA at the time mark of
+  equal_time.yaml (`train.lora_at_seconds`): the weights a run stopped there saves, without 21
+  more trials' start-up (about 1.5 minutes each on 2 cores). equal_time.yaml still runs on its own
+  with `rayreward tune`.
 
 The command:
 
-1. Trains every sweep of the study. The sweep files it runs are written beside their runs
+1. Trains every sweep of the study (`--budgets`, `--methods`: some of them; `--reward`: another
+   reward on the same runs' settings, the control). The sweep files it runs are written beside their runs
    (RUNS/BUDGET.yaml, with the chain length applied). A sweep cut short resumes when the
    command is run again; a finished one is not run again.
 2. Evaluates the base model and every trial's LoRA on held-out captions: the study's reward, the
@@ -74,14 +79,18 @@ class Study:
     T: int  # the chain length its files are written for
     out: str  # default --out, under the repository
     reuse: dict = field(default_factory=dict)  # budget -> the budget whose full-chain trials it shares
+    # budget -> the budget whose runs it is read from, at its sweep file's train.max_seconds: each
+    # of those runs keeps its LoRA at that mark (train.lora_at_seconds) and trains on
+    timed: dict = field(default_factory=dict)
     methods: tuple[str, ...] = ()  # only these method labels (--methods); empty: every method
 
 
 STUDIES = {
     "symmetry": Study(HERE, ("equal_steps", "equal_calls"), ("equal_steps", "equal_calls"), "symmetry",
                       "builtin:shapes_heldout", 24, (0, 1), 10, "docs/shapes", {"equal_calls": "equal_steps"}),
-    "centring": Study(HERE / "centring", ("equal_calls", "equal_time", "drtune_km"), ("equal_calls", "equal_time"),
-                      "centring", "builtin:shapes_unplaced_heldout", 4, (0, 1, 2, 3), 20, "docs/shapes/centring"),
+    "centring": Study(HERE / "centring", ("equal_calls", "drtune_km"), ("equal_calls", "equal_time"),
+                      "centring", "builtin:shapes_unplaced_heldout", 4, (0, 1, 2, 3), 20, "docs/shapes/centring",
+                      timed={"equal_time": "equal_calls"}),
 }
 X_AXIS = {"equal_steps": ("step", "optimizer step"), "equal_calls": ("unet_calls_total", "UNet calls per sample"),
           "equal_time": ("train_seconds_total", "training seconds"), "drtune_km": ("unet_calls_total", "UNet calls")}
@@ -155,12 +164,8 @@ def scaled(data: dict, factor: float, T: int) -> dict:
     return out
 
 
-QUICK_TIMED = ("drtune", "draft_1")  # --quick's equal-time sweep: a DRTune trial and a full-chain one
-
-
 def quick_data(data: dict, budget: str) -> dict:
-    """--quick: 2 steps (or 6, up to 8 calls or 1 second), 1 seed, two of DRTune's K/m settings and
-    two methods at equal time (each trial costs Ray start-up, not training)."""
+    """--quick: 2 steps (or 6, up to 8 calls or 1 second), 1 seed, two of DRTune's K/m settings."""
     out = dict(data)
     calls = budget in ("equal_calls", "drtune_km")
     out["set"] = [s for s in out["set"] if not s.startswith(("train.max_unet_calls", "train.max_seconds", "train.steps"))]
@@ -170,21 +175,38 @@ def quick_data(data: dict, budget: str) -> dict:
     search["train.seed"] = [0]
     if budget == "drtune_km":
         search["method"] = search["method"][:2]
-    if budget == "equal_time":
-        search["method"] = [m for m in search["method"] if label(m) in QUICK_TIMED]
     out["search"] = search
     return out
+
+
+def sweep_data(study: Study, budget: str, T: int, quick: bool) -> dict:
+    """A sweep file's data at chain length T (and --quick)."""
+    data = yaml.safe_load((study.folder / f"{budget}.yaml").read_text())
+    data["base"] = str((study.folder / data["base"]).resolve())
+    data = scaled(data, T / study.T, T)
+    return quick_data(data, budget) if quick else data
+
+
+def time_marks(study: Study, T: int, quick: bool) -> dict[str, float]:
+    """{budget: seconds} of each evaluated equal-time budget read from another's runs: its sweep
+    file's train.max_seconds at this T."""
+    marks = {}
+    for budget in study.timed:
+        if budget in study.evaluated:
+            sets = dict(s.partition("=")[::2] for s in sweep_data(study, budget, T, quick)["set"])
+            marks[budget] = float(sets["train.max_seconds"])
+    return marks
 
 
 def sweep_files(study: Study, T: int, quick: bool, runs: Path, sets: list[str], folder: Path) -> list:
     """(budget, SweepConfig) of each sweep, its file written into `folder` (checked there)."""
     out = []
+    marks = time_marks(study, T, quick)
     for budget in study.budgets:
-        data = yaml.safe_load((study.folder / f"{budget}.yaml").read_text())
-        data["base"] = str((study.folder / data["base"]).resolve())
-        data = scaled(data, T / study.T, T)
-        if quick:
-            data = quick_data(data, budget)
+        data = sweep_data(study, budget, T, quick)
+        for timed, seconds in marks.items():
+            if study.timed[timed] == budget:  # its runs keep their LoRA at the time mark too
+                data["set"].append(f"train.lora_at_seconds={seconds:g}")
         if study.methods:
             kept = [m for m in data["search"]["method"] if label(m, budget) in study.methods]
             if not kept:
@@ -220,8 +242,9 @@ def train_all(study: Study, T: int, quick: bool, runs: Path, sets: list[str]) ->
     return seconds
 
 
-def trials(study: Study, runs: Path):
-    """One record per trial: its budget, method label, seed, metrics (a DataFrame) and folder."""
+def trials(study: Study, runs: Path, marks: dict[str, float]):
+    """One record per trial: its budget, method label, seed, metrics (a DataFrame), folder and
+    LoRA; an equal-time budget's records are its source runs cut at the time mark (`marks`)."""
     import pandas as pd
 
     recs = []
@@ -231,11 +254,29 @@ def trials(study: Study, runs: Path):
             cfg = config_mod.load(folder / "config.yaml")
             m = pd.read_csv(folder / "metrics.csv")
             recs.append({"budget": budget, "method": label(vars(cfg.method), budget), "seed": cfg.train.seed,
-                         "folder": folder, "metrics": m, "cfg": cfg,
+                         "folder": folder, "lora": folder / "lora", "metrics": m, "cfg": cfg,
                          "name": display(vars(cfg.method), cfg.sampling.num_steps)})
     for to, src in study.reuse.items():  # a full-chain method's equal-calls run is its equal-steps run
         recs += [{**r, "budget": to} for r in recs if r["budget"] == src and r["method"] in FULL_CHAIN]
+    for to, seconds in marks.items():
+        recs += [at_mark(r, to, seconds) for r in recs if r["budget"] == study.timed[to]]
     return recs
+
+
+def at_mark(rec: dict, budget: str, seconds: float) -> dict:
+    """A run read at a time mark: its metrics up to the step whose training seconds reach it (the
+    step train.max_seconds stops on) and the LoRA it kept there (train.lora_at_seconds)."""
+    m = rec["metrics"]
+    reached = m.index[m["train_seconds_total"] >= seconds]
+    lora = rec["folder"] / "lora_at_seconds"
+    if not len(reached):
+        raise SystemExit(f"[compare] {budget}: {rec['name']} seed {rec['seed']} trained {m['train_seconds_total'].iloc[-1]:.0f}"
+                         f" s in all, less than the {seconds:g} s mark ({rec['folder']}); give the runs a larger "
+                         f"budget (train.max_unet_calls) or the mark a smaller one")
+    if not (lora / "at.json").is_file():
+        raise SystemExit(f"[compare] {budget}: {rec['folder']} has no LoRA at {seconds:g} s (lora_at_seconds/): its "
+                         "sweep ran without train.lora_at_seconds; remove the sweep's folder to run it again")
+    return {**rec, "budget": budget, "metrics": m.loc[:reached[0]], "lora": lora}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,12 +290,12 @@ def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[d
     from rayreward.rewards.lowlevel import centre_of_mass
 
     unique = {f"{r['budget']}/{r['method']}/s{r['seed']}": r for r in recs
-              if r["budget"] in study.evaluated and r["folder"].joinpath("lora").is_dir()}
+              if r["budget"] in study.evaluated and r["lora"].is_dir()}
     seen, loras = {}, []
     for key, r in unique.items():  # a trial shared by two budgets is rendered once
-        if str(r["folder"]) not in seen:
-            seen[str(r["folder"])] = key
-            loras.append(LoraArg(name=key.replace("/", "-"), path=str(r["folder"] / "lora")))
+        if str(r["lora"]) not in seen:
+            seen[str(r["lora"])] = key
+            loras.append(LoraArg(name=key.replace("/", "-"), path=str(r["lora"])))
     images = rendered(base_cfg, loras, prompts, seeds, out / "eval")
     pairs = [p for p in prompts for _ in seeds]
     reward, judge = build_reward(study.reward), judge_mod.load()
@@ -273,7 +314,7 @@ def evaluate(study: Study, recs, base_cfg, prompts, seeds, out: Path) -> tuple[d
                             "diversity_pixel": float(div[div.variant == name]["diversity_pixel"].mean())}
     result = {"base": scores["base"]}
     for key, r in unique.items():
-        result[key] = scores[seen[str(r["folder"])].replace("/", "-")]
+        result[key] = scores[seen[str(r["lora"])].replace("/", "-")]
     return result, images, seen
 
 
@@ -492,7 +533,7 @@ def save_grid(study: Study, images, seen, recs, prompts, seeds, grid_prompts, pa
     for meth in ORDER:
         r = next((r for r in recs if r["budget"] == budget and r["method"] == meth and r["seed"] == 0), None)
         if r is not None:
-            cols.append(seen[str(r["folder"])].replace("/", "-"))
+            cols.append(seen[str(r["lora"])].replace("/", "-"))
             names.append(r["name"])
     idx = [prompts.index(p) * len(seeds) + j for p in grid_prompts for j in range(min(2, len(seeds)))]
     labels = [f"{p} (seed {seeds[j]})" for p in grid_prompts for j in range(min(2, len(seeds)))]
@@ -550,19 +591,22 @@ def findings(study: Study, res, recs, norms) -> dict:
 def subset(study: Study, budgets: str, methods: str) -> tuple[Study, str]:
     """The study cut to --budgets and --methods, or the problem with them."""
     names = [b for b in budgets.split(",") if b]
-    bad = [b for b in names if b not in study.budgets]
+    allowed = study.budgets + tuple(study.timed)
+    bad = [b for b in names if b not in allowed]
     if bad:
-        return study, f"--budgets: {','.join(bad)} is not allowed; the study's sweeps are {','.join(study.budgets)}"
+        return study, f"--budgets: {','.join(bad)} is not allowed; the study's budgets are {','.join(allowed)}"
     labels = tuple(m for m in methods.split(",") if m)
     known = set(ORDER) | {"drtune_k", "draft_k"}
     bad = [m for m in labels if m not in known and not m.startswith("drtune_k")]
     if bad:
         return study, f"--methods: {','.join(bad)} is not allowed; need labels among {','.join(ORDER)}"
-    kept = tuple(b for b in study.budgets if not names or b in names)
-    if not set(kept) & set(study.evaluated):
-        return study, (f"--budgets: {budgets} has none of the sweeps compared on held-out captions; add one of "
+    wanted = set(names or allowed)
+    kept = tuple(b for b in study.budgets if b in wanted or b in {study.timed[t] for t in wanted & set(study.timed)})
+    evaluated = tuple(b for b in study.evaluated if b in wanted)
+    if not evaluated:
+        return study, (f"--budgets: {budgets} has none of the budgets compared on held-out captions; add one of "
                        f"{','.join(study.evaluated)}")
-    return replace(study, budgets=kept, evaluated=tuple(b for b in study.evaluated if b in kept),
+    return replace(study, budgets=kept, evaluated=evaluated, timed={k: v for k, v in study.timed.items() if k in wanted},
                    reuse={k: v for k, v in study.reuse.items() if k in kept and v in kept}, methods=labels), ""
 
 
@@ -612,11 +656,12 @@ def main(argv=None) -> int:
         print(f"compare.py: error: {e}", file=sys.stderr)
         return 2
     ran = tuple(b for b, _ in checked)  # --methods may leave a sweep with no trial
-    if not set(ran) & set(study.evaluated):
+    evaluated = tuple(b for b in study.evaluated if b in ran or study.timed.get(b) in ran)
+    if not evaluated:
         print(f"compare.py: error: --methods: {args.methods} runs in none of the sweeps compared on held-out "
               f"captions ({','.join(study.evaluated)})", file=sys.stderr)
         return 2
-    study = replace(study, budgets=ran, evaluated=tuple(b for b in study.evaluated if b in ran))
+    study = replace(study, budgets=ran, evaluated=evaluated, timed={k: v for k, v in study.timed.items() if v in ran})
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ks = [1, 2] if args.quick else sorted({1, 2, 3, 5, 10, T // 2, T} - {0})
@@ -631,7 +676,7 @@ def main(argv=None) -> int:
         print(json.dumps(info["findings"], indent=1))
         return 0
     sweep_seconds = train_all(study, T, args.quick, runs, sets)
-    recs = trials(study, runs)
+    recs = trials(study, runs, time_marks(study, T, args.quick))
     base_cfg = config_mod.from_dict(checked[0][1].base)
     prompts = config_mod.read_prompts(study.heldout, "prompts")[:4 if args.quick else study.prompts]
     seeds = list(study.seeds[:2] if args.quick else study.seeds)
