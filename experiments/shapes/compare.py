@@ -1,7 +1,7 @@
 """The methods' comparisons on the built-in shapes model, each from one command:
 
-    python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (about an hour, 2 CPU cores)
-    python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50
+    python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (sweeps 55 min on 2 CPU cores, then the evaluation)
+    python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50 (hours on 2 cores)
     python experiments/shapes/compare.py                           # the symmetry study, T = 10
     python experiments/shapes/compare.py --study centring --quick  # the whole pipeline in minutes (tests)
 
