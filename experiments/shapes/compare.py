@@ -596,8 +596,7 @@ def subset(study: Study, budgets: str, methods: str) -> tuple[Study, str]:
     if bad:
         return study, f"--budgets: {','.join(bad)} is not allowed; the study's budgets are {','.join(allowed)}"
     labels = tuple(m for m in methods.split(",") if m)
-    known = set(ORDER) | {"drtune_k", "draft_k"}
-    bad = [m for m in labels if m not in known and not m.startswith("drtune_k")]
+    bad = [m for m in labels if m not in ORDER and not m.startswith("drtune_k")]  # drtune_kK_mM: the K/m sweep's
     if bad:
         return study, f"--methods: {','.join(bad)} is not allowed; need labels among {','.join(ORDER)}"
     wanted = set(names or allowed)
@@ -698,7 +697,8 @@ def main(argv=None) -> int:
     save_grid(study, images, seen, recs, prompts, seeds, prompts, out / "grid.png")
     command = f"python experiments/shapes/compare.py --study {args.study}" + (f" --T {T}" if args.T else "") \
         + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set) \
-        + (f" --reward {args.reward}" if args.reward else "") + (f" --budgets {args.budgets}" if args.budgets else "") + (f" --methods {args.methods}" if args.methods else "")
+        + "".join(f" --{k} {v}" for k, v in (("reward", args.reward), ("budgets", args.budgets),
+                                             ("methods", args.methods)) if v)
     info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
             "sweep_seconds": sweep_seconds, "total_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "command": command}
