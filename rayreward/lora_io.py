@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -175,8 +176,10 @@ def load_lora(unet: torch.nn.Module, path: str | os.PathLike, adapter_name: str,
     prefix = prefix_of(unet)
     state = read_lora_state(path, prefix)
     _check_shapes(unet, state, path)
-    unet.load_lora_adapter({f"{prefix}.{k}": v for k, v in state.items()}, prefix=prefix, adapter_name=adapter_name,
-                           metadata=lora_metadata(path))
+    with warnings.catch_warnings():  # several adapters side by side is what this function is for
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.load_lora_adapter({f"{prefix}.{k}": v for k, v in state.items()}, prefix=prefix,
+                               adapter_name=adapter_name, metadata=lora_metadata(path))
     _assert_all_used(unet, state, adapter_name, path)
 
 

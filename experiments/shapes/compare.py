@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rayreward import config as config_mod  # noqa: E402
 from rayreward.shapes import judge as judge_mod  # noqa: E402
-from rayreward import render, tune  # noqa: E402
+from rayreward import driver, render, tune  # noqa: E402
 from rayreward.config import LoraArg  # noqa: E402
 
 ORDER = ["drtune", "draft", "draft_1", "draft_k2", "draft_k3", "draft_lv", "refl", "alignprop"]
@@ -675,6 +675,10 @@ def main(argv=None) -> int:
         print(json.dumps(info["findings"], indent=1))
         return 0
     sweep_seconds = train_all(study, T, args.quick, runs, sets)
+    # The local Ray the sweeps started (its GCS, dashboard and idle workers) is not needed by the
+    # evaluation, which runs in this process.
+    driver.shutdown_ray(quiet=True)
+    t_eval = time.time()
     recs = trials(study, runs, time_marks(study, T, args.quick))
     base_cfg = config_mod.from_dict(checked[0][1].base)
     prompts = config_mod.read_prompts(study.heldout, "prompts")[:4 if args.quick else study.prompts]
@@ -700,7 +704,8 @@ def main(argv=None) -> int:
         + "".join(f" --{k} {v}" for k, v in (("reward", args.reward), ("budgets", args.budgets),
                                              ("methods", args.methods)) if v)
     info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
-            "sweep_seconds": sweep_seconds, "total_seconds": round(time.time() - t0, 1),
+            "sweep_seconds": sweep_seconds, "evaluation_seconds": round(time.time() - t_eval, 1),
+            "total_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "command": command}
     (out / "findings.json").write_text(json.dumps(info, indent=1))
     print(markdown(study, res))
