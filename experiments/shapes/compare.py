@@ -499,7 +499,8 @@ def plot_curves(study: Study, recs, path: Path) -> None:
         ax.set_title(TITLES.get(budget, budget))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"shapes model, {study.reward} reward: mean over seeds (band: min..max)")
+    model = recs[0]["cfg"].model.name if recs else "shapes"
+    fig.suptitle(f"{model} model, {study.reward} reward: mean over seeds (band: min..max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -573,6 +574,7 @@ def findings(study: Study, res, recs, norms) -> dict:
                                if r["budget"] == "equal_calls" and r["method"] in ("draft_lv", "draft_1")]))
         target = start + 0.5 * (one[1][-1] - start)  # half of DRaFT-1's gain
         reach = lambda c: next((float(x) for x, y in zip(*c) if y >= target), None)  # noqa: E731
+        f["draft1_gain"] = float(one[1][-1] - start)  # at or below 0: no target to reach
         f["reward_target_half_of_draft1_gain"] = target
         f["calls_to_target"] = {"draft_lv": reach(lv), "draft_1": reach(one)}
         if f["calls_to_target"]["draft_lv"] and f["calls_to_target"]["draft_1"]:
