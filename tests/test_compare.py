@@ -65,13 +65,15 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     assert all(r["grad_norm"] > 0 for r in info["grad_norm"])
     assert "equal_calls_drtune_minus_best_shallow_heldout" in info["findings"]
     before = (out / "table.csv").read_text()
-    # run again: the finished sweeps are not run again, nor is a picture rendered again; the tables
-    # are rewritten, the same
+    # run again: the finished sweeps are not run again, nor is a picture rendered or a gradient norm
+    # measured again; the tables are rewritten, the same
     (out / "table.csv").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.count("done already") == 2, proc.stdout[-2000:]
     assert "evaluation: the pictures of 15 variants from" in proc.stdout, proc.stdout[-2000:]
     assert "eval: rendering" not in proc.stdout + proc.stderr
+    assert "gradient norms from" in proc.stdout and "grad norm draft_k" not in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((out / "findings.json").read_text())["grad_norm"] == info["grad_norm"]
     again = pd.read_csv(out / "table.csv")
     cols = ["heldout", "alignment_logp", "layout_spread", "final_reward"]  # the same pictures, scored again
     pd.testing.assert_frame_equal(again[cols], pd.read_csv(io.StringIO(before))[cols], check_exact=False, rtol=1e-5)

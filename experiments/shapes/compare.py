@@ -349,10 +349,18 @@ def rendered(base_cfg, loras, prompts, seeds, out: Path) -> dict[str, torch.Tens
 # 3. Gradient norm against K, and memory, at the base model.
 
 
-def grad_norms(base_cfg, ks, batches: int) -> list[dict]:
-    """The LoRA gradient's norm (before clipping) for DRaFT-K and DRTune at each K."""
+def grad_norms(base_cfg, ks, batches: int, cache: Path | None = None) -> list[dict]:
+    """The LoRA gradient's norm (before clipping) for DRaFT-K and DRTune at each K. With `cache`
+    (a JSON file), rows measured before for the same config, Ks and batches are read from it
+    (at T = 50 they take about 12 minutes on 2 cores) and new ones are written to it."""
     from rayreward import serving, train
 
+    key = json.dumps({"config": base_cfg.to_dict(), "ks": list(ks), "batches": batches}, sort_keys=True, default=str)
+    if cache is not None and cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            print(f"[compare] gradient norms from {cache}", flush=True)
+            return kept["rows"]
     rows = []
     T = base_cfg.sampling.num_steps
     for name in ("draft_k", "drtune"):
@@ -370,6 +378,9 @@ def grad_norms(base_cfg, ks, batches: int) -> list[dict]:
                     p.grad = None
             print(f"[compare] grad norm {name} K={k}: "
                   f"{sum(r['grad_norm'] for r in rows[-batches:]) / batches:.3e}", flush=True)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "rows": rows}))
     return rows
 
 
@@ -500,7 +511,7 @@ def plot_curves(study: Study, recs, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     model = recs[0]["cfg"].model.name if recs else "shapes"
-    fig.suptitle(f"{model} model, {study.reward} reward: mean over seeds (band: min..max)")
+    fig.suptitle(f"{model} model, {study.reward} reward\nmean over seeds (band: min..max)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -691,7 +702,7 @@ def main(argv=None) -> int:
         if r["budget"] in study.evaluated:
             by_label.setdefault(r["method"], vars(r["cfg"].method))
     mem = saved_bytes(base_cfg, {k: by_label[k] for k in ORDER if k in by_label})
-    norms = grad_norms(base_cfg, ks, 1 if args.quick else 4)
+    norms = grad_norms(base_cfg, ks, 1 if args.quick else 4, runs / "eval" / "grad_norms.json")
     res, per_trial = table(study, recs, evals, mem)
     res.to_csv(out / "table.csv", index=False)
     per_trial.to_csv(out / "trials.csv", index=False)
