@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from rayreward import config as config_mod  # noqa: E402
 from rayreward.shapes import judge as judge_mod  # noqa: E402
-from rayreward import driver, render, tune  # noqa: E402
+from rayreward import driver, files, render, tune  # noqa: E402
 from rayreward.config import LoraArg  # noqa: E402
 
 ORDER = ["drtune", "draft", "draft_1", "draft_k2", "draft_k3", "draft_lv", "refl", "alignprop"]
@@ -323,7 +323,7 @@ def rendered(base_cfg, loras, prompts, seeds, out: Path) -> dict[str, torch.Tens
     them (model, sampling, captions, seeds, each LoRA's files and their times). Running the
     command again after the sweeps finished rewrites the tables without rendering again."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from rayreward import evaluation
 
@@ -341,7 +341,7 @@ def rendered(base_cfg, loras, prompts, seeds, out: Path) -> dict[str, torch.Tens
                 return {name: f.get_tensor(name) for name in f.keys()}
     images = evaluation.render_variants(base_cfg, loras, prompts, seeds, out, torch.device("cpu"))
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in images.items()}, str(cache), metadata={"key": key})
+    files.write_bytes(cache, save({k: v.contiguous() for k, v in images.items()}, metadata={"key": key}))
     return images
 
 
@@ -380,7 +380,7 @@ def grad_norms(base_cfg, ks, batches: int, cache: Path | None = None) -> list[di
                   f"{sum(r['grad_norm'] for r in rows[-batches:]) / batches:.3e}", flush=True)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "rows": rows}))
+        files.write_text(cache, json.dumps({"key": key, "rows": rows}))
     return rows
 
 
