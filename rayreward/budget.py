@@ -47,16 +47,43 @@ class Skeleton:
     index: dict | None = None  # its model_index.json
 
 
+_SKELETONS: dict[tuple, Skeleton] = {}  # read once per process (a reused Tune trial actor checks many trials)
+
+
+def _stamp(src: str) -> tuple:
+    """What a cached skeleton was read from: the model folder's config files and their times."""
+    folder = Path(src)
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((str(f.relative_to(folder)), f.stat().st_mtime_ns) for f in folder.glob("**/*.json")))
+
+
 def skeleton(model_cfg) -> Skeleton | None:
-    """The model's skeleton from its folder (or the hub cache), None when its configs are not here."""
+    """The model's skeleton from its folder (or the hub cache), None when its configs are not here.
+    Kept per process for the same folder and config files."""
+    from rayreward import models
+
+    try:
+        src = models.resolve_source(model_cfg)
+    except (OSError, ValueError):
+        return None
+    key = (str(src), model_cfg.revision, model_cfg.flavour, _stamp(src))
+    if key not in _SKELETONS:
+        sk = _read_skeleton(model_cfg, src)
+        if sk is None:
+            return None
+        _SKELETONS[key] = sk
+    return _SKELETONS[key]
+
+
+def _read_skeleton(model_cfg, src) -> Skeleton | None:
     import diffusers
     import torch
     from diffusers import AutoencoderKL, DiffusionPipeline
 
-    from rayreward import families, hub, models
+    from rayreward import families, hub
 
     try:
-        src = models.resolve_source(model_cfg)
         kw = dict(revision=model_cfg.revision, local_files_only=not Path(src).is_dir() or hub.offline())
         index = DiffusionPipeline.load_config(src, **kw)
         family = families.get(families.detect(index) if model_cfg.flavour == "auto" else model_cfg.flavour)

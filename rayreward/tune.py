@@ -115,7 +115,6 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         problems.append("search: missing or empty; need at least one field, e.g. {method.k: [1, 2, 3]}")
         search_in = {}
     search: dict[str, dict] = {}
-    skeletons: dict = {}  # model name -> its skeleton (budget), read once
     for key, spec in search_in.items():
         space = _space(str(key), spec, problems)
         if space is None:
@@ -124,10 +123,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             try:
                 trial = config_mod.from_dict(base, [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
                 if key.startswith(("lora.", "model.", "train.batch_size")):  # what the model and device bound
-                    if trial.model.name not in skeletons:
-                        skeletons[trial.model.name] = budget.skeleton(trial.model)
-                    if skeletons[trial.model.name] is not None:  # None: the model's configs are not here
-                        budget.check(trial, skeletons[trial.model.name])
+                    sk = budget.skeleton(trial.model)  # read once per process
+                    if sk is not None:  # None: the model's configs are not here
+                        budget.check(trial, sk)
             except config_mod.ConfigError as e:
                 kind, hint = next(iter(space)), ""
                 if kind in ("uniform", "loguniform") and any("integer" in p for p in e.problems):
@@ -366,7 +364,10 @@ def run_sweep(sweep: SweepConfig) -> Path | None:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, scheduler=scheduler,
-                                        num_samples=sweep.num_samples, max_concurrent_trials=n),
+                                        num_samples=sweep.num_samples, max_concurrent_trials=n,
+                                        # a trial's actor serves the next trial: its imports (torch,
+                                        # Ray Train, diffusers) and the model's skeleton are not paid again
+                                        reuse_actors=True),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(out / "tune"), verbose=verbose,
                                       callbacks=[progress]))
     print(f"[rayreward] sweep {sweep.name}: {', '.join(sweep.search)}; up to {n} trial(s) at once; "

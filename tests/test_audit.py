@@ -393,3 +393,25 @@ def test_no_file_rayreward_writes_goes_through_a_planted_link(tmp_path):
     assert not any(p.is_symlink() for p in out.iterdir() if p.name != outputs.STARTS_FILE)
     assert (out / "metrics.csv").read_text().splitlines() == ["step,reward_mean", "0,0.5"]
     assert oct((out / "config.yaml").stat().st_mode & 0o777) == oct(0o644 & ~files._UMASK)
+
+
+def test_the_model_skeleton_is_read_once_per_process_until_its_configs_change(tmp_path):
+    """A Tune trial actor serves many trials (reuse_actors): each checks its config against the
+    model's skeleton, read once; a changed config file is read again."""
+    import os
+    import shutil
+
+    from rayreward import budget, models
+
+    cfg = config.from_dict({})
+    first = budget.skeleton(cfg.model)
+    assert budget.skeleton(cfg.model) is first
+    folder = tmp_path / "model"
+    shutil.copytree(models.resolve_source(cfg.model), folder)
+    local = config.from_dict({}, [f"model.name={folder}"]).model
+    mine = budget.skeleton(local)
+    assert mine is not first and budget.skeleton(local) is mine
+    index = folder / "unet" / "config.json"
+    st = index.stat()
+    os.utime(index, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert budget.skeleton(local) is not mine
