@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from helpers import ROOT
 
+from rayreward import config as config_mod
+
 METHODS = ["drtune", "draft", "draft_1", "draft_k3", "draft_lv", "refl", "alignprop"]
 
 
@@ -29,7 +31,7 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     out, runs = tmp_path / "docs", tmp_path / "runs"
     cmd = [sys.executable, str(ROOT / "experiments/shapes/compare.py"), "--study", "centring", "--quick",
            "--out", str(out), "--runs", str(runs)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd + ["--grad-norms"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for f in ("table.csv", "table.md", "trials.csv", "curves.png", "grad_norm.png", "grid.png", "findings.json",
               "km.md"):
@@ -66,7 +68,8 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     assert "equal_calls_drtune_minus_best_shallow_heldout" in info["findings"]
     before = (out / "table.csv").read_text()
     # run again: the finished sweeps are not run again, nor is a picture rendered or a gradient norm
-    # measured again; the tables are rewritten, the same
+    # measured again (without --grad-norms they are read from the runs' cache); the tables are
+    # rewritten, the same
     (out / "table.csv").unlink()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and proc.stdout.count("done already") == 2, proc.stdout[-2000:]
@@ -143,3 +146,18 @@ def test_the_gradient_norms_alone(tmp_path):
                                                                     ("drtune", 2)}
     assert all(r["grad_norm"] > 0 for r in info["grad_norm"]) and "grad_norm_draft_k_k2_over_k1" in info["findings"]
     assert (tmp_path / "docs" / "grad_norm.png").is_file() and not (tmp_path / "runs").exists()
+
+
+def test_gradient_norms_are_measured_only_when_asked(tmp_path, capsys):
+    """Without --grad-norms the study reads the norms from its cache, and measures none when the
+    cache holds none for this config (the T = 20 command stays within the hour)."""
+    compare = compare_module()
+    cfg = config_mod.load(ROOT / "experiments/shapes/centring/base.yaml")
+    cache = tmp_path / "grad_norms.json"
+    assert compare.grad_norms(cfg, [1, 2], 1, cache, measure=False) == []
+    assert "not measured" in capsys.readouterr().out and not cache.exists()
+    rows = [{"method": "draft_k", "k": 1, "batch": 0, "grad_norm": 0.5}]
+    key = json.dumps({"config": cfg.to_dict(), "ks": [1, 2], "batches": 1}, sort_keys=True, default=str)
+    cache.write_text(json.dumps({"key": key, "rows": rows}))
+    assert compare.grad_norms(cfg, [1, 2], 1, cache, measure=False) == rows
+    assert compare.grad_norms(cfg, [1, 3], 1, cache, measure=False) == []  # other Ks: not what it holds

@@ -349,10 +349,11 @@ def rendered(base_cfg, loras, prompts, seeds, out: Path) -> dict[str, torch.Tens
 # 3. Gradient norm against K, and memory, at the base model.
 
 
-def grad_norms(base_cfg, ks, batches: int, cache: Path | None = None) -> list[dict]:
+def grad_norms(base_cfg, ks, batches: int, cache: Path | None = None, measure: bool = True) -> list[dict]:
     """The LoRA gradient's norm (before clipping) for DRaFT-K and DRTune at each K. With `cache`
     (a JSON file), rows measured before for the same config, Ks and batches are read from it
-    (at T = 50 they take about 12 minutes on 2 cores) and new ones are written to it."""
+    (at T = 50 they take about 12 minutes on 2 cores) and new ones are written to it. `measure`
+    False: only what the cache holds ([] when it holds none for this config)."""
     from rayreward import serving, train
 
     key = json.dumps({"config": base_cfg.to_dict(), "ks": list(ks), "batches": batches}, sort_keys=True, default=str)
@@ -361,6 +362,9 @@ def grad_norms(base_cfg, ks, batches: int, cache: Path | None = None) -> list[di
         if kept.get("key") == key:
             print(f"[compare] gradient norms from {cache}", flush=True)
             return kept["rows"]
+    if not measure:
+        print("[compare] gradient norms against K: not measured (--grad-norms measures them)", flush=True)
+        return []
     rows = []
     T = base_cfg.sampling.num_steps
     for name in ("draft_k", "drtune"):
@@ -631,6 +635,10 @@ def main(argv=None) -> int:
                                                 "docs/shapes/centring/T<T> for centring)")
     ap.add_argument("--runs", default=None, help="the sweeps' folders (default runs/shapes_<study>/T<T>)")
     ap.add_argument("--quick", action="store_true", help="a few steps, 1 seed, T = 4: checks the pipeline (tests)")
+    ap.add_argument("--grad-norms", action="store_true",
+                    help="measure step 3's gradient norms against K (about 5 minutes at T = 20 on 2 cores, 12 at "
+                         "T = 50); without it they are read from the runs' eval/grad_norms.json when measured "
+                         "before, else left out")
     ap.add_argument("--grad-norms-only", action="store_true",
                     help="only step 3's gradient norms against K at the base model (minutes, not hours): "
                          "grad_norm.png and grad_norms.json in --out")
@@ -702,7 +710,8 @@ def main(argv=None) -> int:
         if r["budget"] in study.evaluated:
             by_label.setdefault(r["method"], vars(r["cfg"].method))
     mem = saved_bytes(base_cfg, {k: by_label[k] for k in ORDER if k in by_label})
-    norms = grad_norms(base_cfg, ks, 1 if args.quick else 4, runs / "eval" / "grad_norms.json")
+    norms = grad_norms(base_cfg, ks, 1 if args.quick else 4, runs / "eval" / "grad_norms.json",
+                       measure=args.grad_norms)
     res, per_trial = table(study, recs, evals, mem)
     res.to_csv(out / "table.csv", index=False)
     per_trial.to_csv(out / "trials.csv", index=False)
@@ -710,10 +719,11 @@ def main(argv=None) -> int:
     if "drtune_km" in study.budgets:
         (out / "km.md").write_text(km_markdown(res))
     plot_curves(study, recs, out / "curves.png")
-    plot_grad_norms(norms, out / "grad_norm.png", T)
+    if norms:
+        plot_grad_norms(norms, out / "grad_norm.png", T)
     save_grid(study, images, seen, recs, prompts, seeds, prompts, out / "grid.png")
     command = f"python experiments/shapes/compare.py --study {args.study}" + (f" --T {T}" if args.T else "") \
-        + (" --quick" if args.quick else "") + "".join(f" --set {s}" for s in args.set) \
+        + (" --quick" if args.quick else "") + (" --grad-norms" if args.grad_norms else "") + "".join(f" --set {s}" for s in args.set) \
         + "".join(f" --{k} {v}" for k, v in (("reward", args.reward), ("budgets", args.budgets),
                                              ("methods", args.methods)) if v)
     info = {"study": args.study, "T": T, "findings": findings(study, res, recs, norms), "grad_norm": norms,
@@ -725,7 +735,8 @@ def main(argv=None) -> int:
     if "drtune_km" in study.budgets:
         print(km_markdown(res))
     print(json.dumps(info["findings"], indent=1))
-    print(f"[compare] wrote {out}/table.md, table.csv, trials.csv, curves.png, grad_norm.png, grid.png, findings.json "
+    print(f"[compare] wrote {out}/table.md, table.csv, trials.csv, curves.png, "
+          f"{'grad_norm.png, ' if norms else ''}grid.png, findings.json "
           f"in {info['total_seconds'] / 60:.1f} min", flush=True)
     return 0
 
