@@ -1,6 +1,6 @@
 """The methods' comparisons on the built-in shapes model, each from one command:
 
-    python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (sweeps 55 min on 2 CPU cores, then the evaluation)
+    python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (47 min on 2 CPU cores)
     python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50 (hours on 2 cores)
     python experiments/shapes/compare.py                           # the symmetry study, T = 10
     python experiments/shapes/compare.py --study centring --quick  # the whole pipeline in minutes (tests)
@@ -17,7 +17,7 @@ Two studies, each a folder of Ray Tune sweep files (so the same files run on a c
   (fractions of T), the call and time budgets (the same number of full chains). Equal wall time
   is read from the equal-calls runs, which also keep their LoRA at the time mark of
   equal_time.yaml (`train.lora_at_seconds`): the weights a run stopped there saves, without 21
-  more trials' start-up (about 1.5 minutes each on 2 cores). equal_time.yaml still runs on its own
+  more trials' start-up (about a minute each on 2 cores). equal_time.yaml still runs on its own
   with `rayreward tune`.
 
 The command:
@@ -31,9 +31,10 @@ The command:
    pictures), prompt alignment read by the shipped judge (the share of pictures whose seven
    labels all match their caption, and the `shapes_alignment` reward), and diversity across seeds
    (the spread of the shape's centre, and the RMS pixel distance between pictures).
-3. Measures, at the base model, the LoRA gradient norm against K: DRaFT-K (full backprop through
-   the last K steps) and DRTune (K steps with sg(x_t) inputs, no early stop), 4 batches each; and
-   the bytes autograd saves for one step of each method (checkpointing off).
+3. Measures the bytes autograd saves for one step of each method (checkpointing off) and, with
+   --grad-norms, at the base model, the LoRA gradient norm against K: DRaFT-K (full backprop
+   through the last K steps) and DRTune (K steps with sg(x_t) inputs, no early stop), 4 batches
+   each (kept in RUNS/eval/grad_norms.json; without the flag read from there, or left out).
 4. Writes to --out: table.csv / table.md (one row per method and budget, mean ± std over seeds),
    curves.png (reward against steps, UNet calls or seconds), grad_norm.png, grid.png (held-out
    captions; base and each method), km.md (DRTune's K and m, when swept), findings.json, and
