@@ -83,16 +83,16 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
 
 
 def test_the_sweeps_scale_with_the_chain_length(tmp_path):
-    """--T rescales DRTune's m, the ReFL window and the budgets (fractions of the chain); both
-    studies' files load at their own T and at others."""
+    """--T rescales DRTune's m, the ReFL window and the call budget (fractions of the chain), not
+    the time budget; both studies' files load at their own T and at others."""
     c = compare_module()
     by_budget = dict(c.sweeps(c.STUDIES["centring"], 50, False, tmp_path / "runs", []))
     methods = by_budget["equal_calls"].search["method"]["grid"]
     assert {"name": "drtune", "k": 3, "early_stop_m": 20} in methods  # m = 0.4 T
     assert {"name": "refl", "refl_window": [1, 13]} in methods  # the last quarter
     assert by_budget["equal_calls"].base["train"]["max_unet_calls"] == 500  # 10 full chains
-    assert "equal_time" not in by_budget  # read from the equal-calls runs at 75 s, the T = 20 mark x 2.5
-    assert by_budget["equal_calls"].base["train"]["lora_at_seconds"] == 75
+    assert "equal_time" not in by_budget  # read from the equal-calls runs at the T = 20 mark: seconds do not scale
+    assert by_budget["equal_calls"].base["train"]["lora_at_seconds"] == 30
     assert by_budget["equal_calls"].base["sampling"]["num_steps"] == 50
     assert by_budget["equal_calls"].search["train.seed"]["grid"] == [0, 1, 2]
     own = dict(c.sweeps(c.STUDIES["symmetry"], 10, False, tmp_path / "runs", []))
