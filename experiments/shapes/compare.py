@@ -1,7 +1,7 @@
 """The methods' comparisons on the built-in shapes model, each from one command:
 
     python experiments/shapes/compare.py --study centring          # the layout study, T = 20 (47 min on 2 CPU cores)
-    python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50 (hours on 2 cores)
+    python experiments/shapes/compare.py --study centring --T 50   # the same at T = 50 (about 45 min on 2 cores)
     python experiments/shapes/compare.py                           # the symmetry study, T = 10
     python experiments/shapes/compare.py --study centring --quick  # the whole pipeline in minutes (tests)
 
@@ -149,9 +149,9 @@ def scaled(data: dict, factor: float, T: int) -> dict:
     """A sweep file's data for a chain of T steps, `factor` times its own: DRTune's m and the ReFL
     window scale with T (fractions of the chain), and so does the call budget (the same number of
     full chains). The time budget does not: a training step does not cost T times more (on 2 cores
-    a DRTune step took 4.7 s at T = 50), so a mark scaled with T (75 s) lay past the end of the
-    equal-calls runs it is read from (the fastest trained 51 s in all). The base config's method
-    too."""
+    DRTune trained 12 steps in 66 s at T = 50, 62 s at T = 20), so a mark scaled with T (75 s) lay
+    past the end of the equal-calls runs it is read from (the fastest trained 51 s in all). The
+    base config's method too."""
     out = dict(data)
     sets = []
     for s in data.get("set") or []:
