@@ -246,9 +246,10 @@ def test_a_workers_share_is_its_slice_of_the_global_batch(tmp_path, method, eta,
     _, _, res_two = two.forward_backward(3)
     n = res_one.copies
     want = res_one.latents.detach().view(n, 4, -1)[:, 2:]
-    # float noise of batched matmuls only (measured: 0 on the UNet, 2.4e-6 on SD3's joint
-    # attention, latents of size ~3); another sample would differ by O(1)
-    assert torch.allclose(res_two.latents.detach().view(n, 2, -1), want, atol=1e-5, rtol=0)
+    # float noise of batched matmuls only, which depends on the CPU's kernels for batch 2 against
+    # batch 4 (measured: 0 on the UNet on one machine, up to 2.0e-5 on another, latents up to 16;
+    # 2.4e-6 on SD3's joint attention); another sample would differ by O(1)
+    assert torch.allclose(res_two.latents.detach().view(n, 2, -1), want, atol=1e-4, rtol=0)
 
 
 def test_draft_lv_hinge_loss_is_the_mean_of_the_copies_losses():
