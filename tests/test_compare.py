@@ -82,6 +82,26 @@ def test_the_layout_study_runs_from_one_command(tmp_path):
     pd.testing.assert_frame_equal(again[cols], pd.read_csv(io.StringIO(before))[cols], check_exact=False, rtol=1e-5)
 
 
+def test_a_time_mark_past_a_runs_end_or_a_run_without_its_lora_is_refused_by_name(tmp_path):
+    """Equal wall time is read from the equal-calls runs at the mark: a run that trained less than
+    the mark, or kept no LoRA there, stops the evaluation with the run, the seconds and the fix."""
+    import pandas as pd
+
+    c = compare_module()
+    m = pd.DataFrame({"train_seconds_total": [10.0, 21.0, 33.0]})
+    rec = {"metrics": m, "folder": tmp_path, "name": "DRTune (K=3, m=20)", "seed": 0, "budget": "equal_calls"}
+    with pytest.raises(SystemExit, match=r"DRTune \(K=3, m=20\) seed 0 trained 33 s in all, less than the 75 s mark"
+                                         r".*lower train.max_seconds in equal_time.yaml"):
+        c.at_mark(rec, "equal_time", 75)
+    with pytest.raises(SystemExit, match="has no LoRA at 30 s"):
+        c.at_mark(rec, "equal_time", 30)
+    (tmp_path / "lora_at_seconds").mkdir()
+    (tmp_path / "lora_at_seconds" / "at.json").write_text("{}")
+    got = c.at_mark(rec, "equal_time", 20)  # the step whose seconds reach the mark, and the LoRA kept there
+    assert list(got["metrics"].train_seconds_total) == [10.0, 21.0] and got["budget"] == "equal_time"
+    assert got["lora"] == tmp_path / "lora_at_seconds"
+
+
 def test_the_sweeps_scale_with_the_chain_length(tmp_path):
     """--T rescales DRTune's m, the ReFL window and the call budget (fractions of the chain), not
     the time budget; both studies' files load at their own T and at others."""

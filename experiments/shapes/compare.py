@@ -276,8 +276,9 @@ def at_mark(rec: dict, budget: str, seconds: float) -> dict:
     lora = rec["folder"] / "lora_at_seconds"
     if not len(reached):
         raise SystemExit(f"[compare] {budget}: {rec['name']} seed {rec['seed']} trained {m['train_seconds_total'].iloc[-1]:.0f}"
-                         f" s in all, less than the {seconds:g} s mark ({rec['folder']}); give the runs a larger "
-                         f"budget (train.max_unet_calls) or the mark a smaller one")
+                         f" s in all, less than the {seconds:g} s mark ({rec['folder']}); the mark must be at most "
+                         f"the shortest run's training seconds: lower train.max_seconds in {budget}.yaml, or raise "
+                         f"train.max_unet_calls and remove the sweep's folder (the finished sweeps are kept)")
     if not (lora / "at.json").is_file():
         raise SystemExit(f"[compare] {budget}: {rec['folder']} has no LoRA at {seconds:g} s (lora_at_seconds/): its "
                          "sweep ran without train.lora_at_seconds; remove the sweep's folder to run it again")
